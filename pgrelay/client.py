@@ -1,0 +1,477 @@
+"""Client connections: login (startup, auth, routing, welcome) and the client-to-server half of the relay."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from gevent import Timeout
+
+from . import protocol
+from .errors import ClientGone, LoginTimeout, PgRelayError, ProtocolViolation, Reject, RejectError
+from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CLIENT_STATE_NAMES, SV_ACTIVE, SV_SYNC,
+                   change_client_state, link)
+from .routing import Login, Route
+from .stream import RECV_SIZE, Stream
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .relay import Relay
+    from .routing import Listener
+    from .server import ServerConnection
+
+log = logging.getLogger("pgrelay.client")
+
+_ids = itertools.count(1)
+_unpack = protocol._I32.unpack_from
+_II = protocol._I32I32.unpack_from
+_VALID = protocol.VALID_FRONTEND
+_Q, _S, _F, _X = 81, 83, 70, 88
+# PostgreSQL refuses any message above 1 GiB, so no longer one can be valid.
+PG_MAX_MESSAGE = 0x40000000
+BUILTIN_TRACKED_STARTUP = {"user", "database", "options"}
+
+
+class ClientConnection:
+    """One client connected to pgrelay."""
+
+    __slots__ = ("relay", "id", "listener", "peer", "stream", "sock", "state", "server", "pool", "route",
+                 "user", "database", "params", "pvals", "key", "skip", "carry", "pending", "pending_queries",
+                 "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
+                 "close_reason", "__weakref__")
+
+    def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener"):
+        self.relay = relay
+        self.id = next(_ids)
+        self.listener = listener
+        self.peer = peer
+        self.stream = Stream(sock)
+        self.sock = sock
+        self.state = CL_LOGIN
+        self.server: ServerConnection | None = None
+        self.pool: Pool | None = None
+        self.route: Route | None = None
+        self.user = self.database = ""
+        self.params: dict[str, str] = {}
+        self.pvals: tuple = ()
+        self.key = b""
+        self.skip = 0
+        self.carry = b""
+        self.pending = b""           # bytes read while no server was linked
+        self.pending_queries = 0
+        self.out: bytearray | None = None
+        self.paused = None           # the server whose reading we paused while `out` drains
+        self.paused_by = None        # the server that paused our reading while its `out` drains
+        self.connect_time = time.monotonic()
+        self.wait_start = 0.0
+        self.max_length = min(relay.config.max_packet_size, PG_MAX_MESSAGE)
+        self.tls = False
+        self.close_reason = ""
+
+    def __repr__(self) -> str:
+        return f"C-{self.id}"
+
+    @property
+    def state_name(self) -> str:
+        return CLIENT_STATE_NAMES[self.state]
+
+    @property
+    def label(self) -> str:
+        return f"C-{self.id}: {self.database or '(nodb)'}/{self.user or '(nouser)'}@{self.peer}"
+
+    # -- login (one greenlet per client, ending once the client is logged in) -----------------
+
+    def run_login(self) -> None:
+        relay = self.relay
+        try:
+            timeout = relay.config.client_login_timeout or None
+            with Timeout(timeout, LoginTimeout("client_login_timeout")):
+                pairs = self._read_startup()
+                if pairs is None:
+                    return  # a cancel request, or a close after SSL/GSS negotiation
+                login = self._parse_startup(pairs)
+                if relay.config.log_connections:
+                    log.info("%s login attempt: db=%s user=%s tls=%s", self.label, self.database, self.user,
+                             "yes" if self.tls else "no")
+                decision = relay.check_client_limits(login)
+                if decision is not None:
+                    raise RejectError(decision)
+                relay.authenticate(self, login)
+                decision = relay.route_client(login)
+                if isinstance(decision, Reject):
+                    raise RejectError(decision)
+                self.route = decision
+                self.pool = relay.get_pool(decision)
+                welcome = self.pool.wait_welcome()
+                self._welcome(welcome)
+        except (ClientGone, OSError) as exc:
+            self.disconnect(f"client unexpected eof during login ({exc})" if not isinstance(exc, OSError)
+                            else "client unexpected eof during login")
+            return
+        except LoginTimeout:
+            self.disconnect("client_login_timeout", Reject("client_login_timeout"))
+            return
+        except Exception as exc:
+            self.disconnect(getattr(exc, "message", None) or str(exc) or type(exc).__name__,
+                            relay.translate_error(exc, "login", self))
+            return
+        if self.state == CL_CLOSED:
+            return
+        change_client_state(self, CL_IDLE)
+        relay.client_connected(self)
+        if self.stream.rbuf:  # bytes the client pipelined after its startup packet
+            data, self.stream.rbuf = self.stream.rbuf, b""
+            self._handle_safely(data)
+        if self.state == CL_IDLE:
+            self.start_reading()
+
+    def _read_startup(self) -> list[tuple[str, str]] | None:
+        stream = self.stream
+        negotiated = set()
+        while True:
+            header = stream.read_exact(8)
+            length, code = _II(header, 0)
+            if code == protocol.CANCEL_REQUEST_CODE:
+                if length != 16:
+                    raise ProtocolViolation(f"bad packet header: cancel request of length {length}")
+                self.relay.cancel(stream.read_exact(8))
+                self.disconnect("cancel request", log_it=False)
+                return None
+            if code in (protocol.SSL_REQUEST_CODE, protocol.GSSENC_REQUEST_CODE):
+                if length != 8 or code in negotiated:
+                    raise ProtocolViolation(f"bad packet header: repeated or malformed {length}-byte request")
+                negotiated.add(code)
+                if self.relay.negotiate_tls(self, code):
+                    continue
+                stream.sendall(protocol.SSL_NO)
+                continue
+            if length < 8 or length > protocol.MAX_STARTUP_PACKET:
+                raise ProtocolViolation(f"bad packet header: startup packet length {length}")
+            major, minor = code >> 16, code & 0xFFFF
+            if major != 3:
+                if major < 3:
+                    raise RejectError(Reject("old V2 protocol not supported", "0A000"))
+                raise RejectError(Reject(f"unsupported frontend protocol {major}.{minor}: "
+                                         "server supports 3.0", "0A000"))
+            body = header[4:] + stream.read_exact(length - 8)
+            try:
+                pairs = protocol.parse_startup_params(body)
+            except ValueError as exc:
+                raise ProtocolViolation(f"bad startup packet: {exc}") from None
+            unknown_opts = [k for k, _ in pairs if k.startswith("_pq_.")]
+            if minor > 0 or unknown_opts:
+                stream.sendall(protocol.negotiate_protocol_version(0, unknown_opts))
+            return [(k, v) for k, v in pairs if not k.startswith("_pq_.")]
+
+    def _parse_startup(self, pairs: list[tuple[str, str]]) -> Login:
+        relay = self.relay
+        ignore = relay.ignored_startup_parameters
+        tracked = relay.tracked_index
+        params: dict[str, str] = {}
+        for key, value in pairs:
+            lower = key.lower()
+            if lower == "user":
+                self.user = value
+            elif lower == "database":
+                self.database = value
+            elif lower == "options":
+                if lower in ignore:
+                    continue
+                for name, val in _parse_options(value):
+                    if name.lower() in tracked:
+                        params[relay.tracked[tracked[name.lower()]]] = val
+                    elif name.lower() not in ignore:
+                        raise RejectError(Reject(f"unsupported startup parameter in options: {name}"))
+            elif lower in tracked:
+                params[relay.tracked[tracked[lower]]] = value
+            elif lower in ignore:
+                continue
+            else:
+                raise RejectError(Reject(f"unsupported startup parameter: {key}"))
+        if not self.user:
+            raise RejectError(Reject("no username supplied", "08P01"))
+        if not self.database:
+            self.database = self.user
+        if relay.config.application_name_add_host:
+            name = params.get("application_name", "")
+            params["application_name"] = f"{name} - {self.peer}"
+        self.params = params
+        return Login(client_id=self.id, listener=self.listener, peer=self.peer, user=self.user,
+                     database=self.database, params=dict(params), tls=self.tls)
+
+    def _welcome(self, server_params: list[tuple[str, str]]) -> None:
+        relay = self.relay
+        defaults = dict(server_params)
+        self.pvals = relay.tracked_values(defaults, self.params)
+        tracked = relay.tracked_index
+        out = [protocol.AUTH_OK]
+        for name, value in server_params:
+            index = tracked.get(name.lower())
+            if index is not None and self.pvals[index] is not None:
+                value = self.pvals[index]
+            out.append(protocol.parameter_status(name, value))
+        self.key = relay.register_client(self)
+        out.append(protocol.backend_key_data(self.key))
+        out.append(protocol.READY_IDLE)
+        self.stream.sendall(b"".join(out))
+
+    # -- the relay: client to server -----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.disconnect("client read failed")
+            return
+        if not data:
+            self.disconnect("client unexpected eof")
+            return
+        self._handle_safely(data)
+
+    def _handle_safely(self, data: bytes) -> None:
+        try:
+            self._handle(data)
+        except ProtocolViolation as exc:
+            self.disconnect(str(exc), self.relay.translate_error(exc, "relay", self))
+        except Exception as exc:
+            log.exception("%s internal error while relaying", self.label)
+            self.disconnect("internal error", self.relay.translate_error(exc, "relay", self))
+
+    def _handle(self, data: bytes) -> None:
+        """Hot path: scan headers, take a server if none is linked, forward the buffer as it came."""
+        n = len(data)
+        skip = self.skip
+        if skip >= n and not self.carry:
+            self.skip = skip - n
+            queries = 0
+        else:
+            queries = self._scan(data)
+            if queries < 0:  # Terminate: forward what came before it, then leave
+                self._terminate(data, -queries - 1)
+                return
+        server = self.server
+        if server is None:
+            pool = self.pool
+            idle = pool.idle
+            if idle and not pool.waiting:
+                server = idle[-1]
+                if server.pvals is not self.pvals and server.pvals != self.pvals:
+                    self.deliver(server, data, queries)
+                    return
+                link(self, server)
+            else:
+                self.pending = data
+                self.pending_queries = queries
+                self.stop_reading()
+                pool.enqueue(self)
+                return
+        elif server.state == SV_SYNC:
+            # Only reachable for bytes already read when a SET batch started; keep order.
+            server.sync_data += data
+            server.sync_queries += queries
+            return
+        server.expect += queries
+        pool = self.pool
+        pool.stats.bytes_sent += n
+        if server.out is None:
+            try:
+                sent = server.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                server.lost(f"server write failed: {exc.strerror or exc}")
+                return
+            if sent != n:
+                server.backlog(data[sent:], self)
+        else:
+            server.out += data
+
+    def _scan(self, data: bytes) -> int:
+        """Count messages that end in ReadyForQuery (Q, S, F); -(offset+1) if a Terminate is found."""
+        if self.carry:
+            buf = self.carry + data
+            offset = len(self.carry)
+            self.carry = b""
+            pos = 0
+        else:
+            buf = data
+            offset = 0
+            pos = self.skip
+        n = len(buf)
+        queries = 0
+        limit = self.max_length
+        while pos + 5 <= n:
+            kind = buf[pos]
+            if not _VALID[kind]:
+                if kind == _X:
+                    self.skip = 0
+                    return -(max(pos - offset, 0) + 1)
+                if kind == 0:
+                    raise ProtocolViolation("client re-sent startup pkt")
+                if kind == 112:  # 'p'
+                    raise ProtocolViolation("unexpected password packet")
+                raise ProtocolViolation(f"unknown pkt from client: {chr(kind)!r}"
+                                        if 32 < kind < 127 else f"unknown pkt from client: 0x{kind:02x}")
+            length = _unpack(buf, pos + 1)[0]
+            if length < 4 or length > limit:
+                raise ProtocolViolation(f"bad packet header: message {chr(kind)!r} with length {length}")
+            if kind == _Q or kind == _S or kind == _F:
+                queries += 1
+            pos += 1 + length
+        if pos < n:
+            self.carry = buf[pos:]
+            self.skip = 0
+        else:
+            self.skip = pos - n
+        return queries
+
+    def _terminate(self, data: bytes, at: int) -> None:
+        server = self.server
+        if at and server is not None and server.state == SV_ACTIVE:
+            server.write(data[:at], self)
+        self.disconnect("client close request", log_it=True)
+
+    def take_server(self, server: "ServerConnection") -> None:
+        """Called by the pool when a server frees up for this waiting client."""
+        data, queries = self.pending, self.pending_queries
+        self.pending = b""
+        self.pending_queries = 0
+        self.deliver(server, data, queries)
+
+    def deliver(self, server: "ServerConnection", data: bytes, queries: int) -> None:
+        """Link `server`, apply tracked parameters if they differ, then send `data`."""
+        sql = self.relay.set_params_sql(self.pvals, server.pvals)
+        if sql:
+            link(self, server, SV_SYNC)
+            server.begin_sync(self, sql, data, queries)
+            return
+        server.pvals = self.pvals
+        link(self, server)
+        server.expect += queries
+        if data:
+            self.pool.stats.bytes_sent += len(data)
+            server.write(data, self)
+        self.start_reading()
+
+    # -- writing to the client -----------------------------------------------------------------
+
+    def backlog(self, rest: bytes, source: "ServerConnection") -> None:
+        """The client's socket is full: keep the rest and pause the server until it drains."""
+        self.out = bytearray(rest)
+        if source is not None:
+            source.stop_reading()
+            self.paused = source
+            source.paused_by = self
+        self.stream.ww.start(self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.disconnect("client write failed")
+            return
+        del self.out[:sent]
+        if self.out:
+            return
+        self.out = None
+        self.stream.ww.stop()
+        source, self.paused = self.paused, None
+        if source is not None:
+            source.paused_by = None
+            source.start_reading()
+
+    def start_reading(self) -> None:
+        if self.state in (CL_IDLE, CL_ACTIVE) and self.paused_by is None \
+                and (self.server is None or self.server.state != SV_SYNC):
+            self.stream.rw.start(self._on_readable)
+
+    def stop_reading(self) -> None:
+        self.stream.rw.stop()
+
+    # -- leaving -------------------------------------------------------------------------------
+
+    def disconnect(self, reason: str, error: Reject | None = None, log_it: bool = True) -> None:
+        """Close the client; its server is reused if clean, else closed. Every close has a reason."""
+        if self.state == CL_CLOSED:
+            return
+        relay = self.relay
+        self.close_reason = reason
+        if error is not None:
+            if relay.config.log_pooler_errors and error.sqlstate != "57014":
+                log.warning("%s pooler error: %s", self.label, error.message)
+            data = error.encode()
+            if self.out is not None:
+                self.out += data
+                try:
+                    self.sock.send(self.out)
+                except OSError:
+                    pass
+            else:
+                self.stream.try_send(data)
+        server = self.server
+        if server is not None:
+            if server.is_clean() and not self.skip and not self.carry and server.pool.reuse:
+                server.pool.release(server)
+            else:
+                server.close("client disconnect while server was not ready")
+        if self.paused is not None:
+            self.paused.paused_by = None
+            self.paused.start_reading()
+            self.paused = None
+        was_login = self.state == CL_LOGIN
+        change_client_state(self, CL_CLOSED)
+        self.pending = b""
+        self.stream.close()
+        relay.forget_client(self)
+        if log_it and relay.config.log_disconnections:
+            log.info("%s closing because: %s (age=%ds)", self.label, reason, time.monotonic() - self.connect_time)
+        relay.client_disconnected(self, reason, was_login)
+
+
+def _parse_options(text: str) -> list[tuple[str, str]]:
+    """The `options` startup parameter: only '-c name=value' and '--name=value' are allowed."""
+    words, word, escape = [], [], False
+    for ch in text:
+        if escape:
+            word.append(ch)
+            escape = False
+        elif ch == "\\":
+            escape = True
+        elif ch.isspace():
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(ch)
+    if word:
+        words.append("".join(word))
+    out = []
+    i = 0
+    bad = Reject("unsupported options startup parameter: only '-c config=val' and '--config=val' are allowed")
+    while i < len(words):
+        w = words[i]
+        if w == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+            i += 2
+        elif w.startswith("-c") and len(w) > 2:
+            setting = w[2:]
+            i += 1
+        elif w.startswith("--"):
+            setting = w[2:]
+            i += 1
+        else:
+            raise RejectError(bad)
+        name, eq, value = setting.partition("=")
+        if not eq or not name.strip():
+            raise RejectError(bad)
+        out.append((name.replace("-", "_"), value))
+    return out
+
+
+__all__ = ["ClientConnection", "PgRelayError"]

@@ -1,0 +1,216 @@
+"""The plugin contract: every hook pgrelay calls, what it receives, returns, and where it is called from.
+
+Conventions
+-----------
+* Hooks are called with keyword arguments only; an implementation may accept a subset of them.
+* "First result" hooks stop at the first implementation that returns something other than None.
+  None always means "no opinion: ask the next plugin". Built-in defaults are registered first
+  and marked ``trylast``, so third-party plugins are asked before them.
+* Decisions are values: a hook refuses a client by returning a :class:`~pgrelay.errors.Reject`.
+  Raising is a fault; the core logs it and the client gets the translated error.
+* Each hook has exactly one call site, a method of :class:`pgrelay.relay.Relay` named after it.
+* No hook is called per message or per query: the relay loop never calls plugins.
+* Hooks run in a greenlet and may block on gevent-friendly I/O, except where a docstring says
+  "event loop": those run inside libev callbacks and must return quickly without blocking.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .errors import Reject
+    from .relay import Relay
+    from .routing import Database, HostAddr, Login, Route
+    from .server import ServerConnection
+    from .settings import SettingsRegistry
+
+hookspec = pluggy.HookspecMarker("pgrelay")
+
+
+# -- configuration and lifecycle -------------------------------------------------------------
+
+@hookspec
+def pgrelay_add_settings(settings: "SettingsRegistry") -> None:
+    """Declare a plugin's settings and claim its INI sections.
+
+    :param settings: add :class:`~pgrelay.settings.Setting` objects with ``settings.add()`` and
+        claim sections such as ``[databases]`` with ``settings.add_section(name, doc)``.
+
+    Called from: ``Relay.__init__`` (via ``Relay.add_settings``), once, before the configuration
+    is read, so that the file, ``PGRELAY_*`` variables, ``--flags`` and ``--help`` all know them.
+    """
+
+
+@hookspec
+def pgrelay_configure(relay: "Relay") -> None:
+    """Validate the loaded configuration and build the plugin's state.
+
+    :param relay: ``relay.config`` holds setting values and the raw lines of claimed sections.
+
+    Raise :class:`~pgrelay.errors.ConfigError` (naming file and line) to refuse the configuration:
+    at startup pgrelay exits; on reload the old configuration stays in force.
+
+    Called from: ``Relay.configure``, at startup and again on each successful reload.
+    """
+
+
+@hookspec
+def pgrelay_reload(relay: "Relay", changed: frozenset[str]) -> None:
+    """React to a reload (SIGHUP) after ``pgrelay_configure`` accepted the new configuration.
+
+    :param changed: names of changed settings, and ``[section]`` names of changed sections.
+
+    Called from: ``Relay.reload``.
+    """
+
+
+@hookspec
+def pgrelay_startup(relay: "Relay") -> None:
+    """pgrelay is listening; runs before it reports readiness. Called from: ``Relay.start``."""
+
+
+@hookspec
+def pgrelay_shutdown(relay: "Relay", mode: str) -> None:
+    """pgrelay is stopping; ``mode`` is ``"fast"``, ``"wait_for_servers"`` or ``"wait_for_clients"``.
+
+    Called from: ``Relay.shutdown``.
+    """
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def pgrelay_choose_auth_method(relay: "Relay", login: "Login") -> "str | Reject | None":
+    """Choose how this client must authenticate.
+
+    :returns: one of ``"trust"``, ``"plain"``, ``"md5"``, ``"scram-sha-256"``, ``"cert"``, or a
+        Reject to refuse the client; None to let the next plugin decide. The built-in default
+        follows ``auth_type`` (and ``auth_hba_file`` for ``hba``).
+
+    Called from: ``Relay.choose_auth_method``, during login, after the StartupMessage.
+    """
+
+
+@hookspec(firstresult=True)
+def pgrelay_get_credentials(relay: "Relay", login: "Login", user: str) -> "str | None":
+    """Look up the stored secret for ``user``: a plaintext password, ``md5...`` or ``SCRAM-SHA-256$...``.
+
+    :returns: the secret, or None if this plugin does not know the user (the next plugin is asked;
+        if none knows it, the login fails exactly like a wrong password).
+
+    Called from: ``Relay.get_credentials``, during client login and server login.
+    """
+
+
+@hookspec(firstresult=True)
+def pgrelay_check_password(relay: "Relay", login: "Login", password: str) -> "bool | None":
+    """Check a cleartext password the client sent (auth methods that receive one).
+
+    :returns: True to accept, False to refuse, None to fall back to the stored secret.
+
+    Called from: ``Relay.check_password``, during login, for the ``plain`` method.
+    """
+
+
+# -- routing ----------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def pgrelay_find_database(relay: "Relay", name: str) -> "Database | None":
+    """Resolve a client-side database name to its definition.
+
+    :returns: a :class:`~pgrelay.routing.Database`, or None if unknown to this plugin. The built-in
+        default reads ``[databases]``, including the ``*`` fallback entry.
+
+    Called from: ``Relay.find_database``, used by routing plugins.
+    """
+
+
+@hookspec(firstresult=True)
+def pgrelay_route_client(relay: "Relay", login: "Login") -> "Route | Reject | None":
+    """Decide which pool serves this client and how its servers log in.
+
+    :returns: a :class:`~pgrelay.routing.Route`, a Reject (e.g. ``no such database: x``), or None
+        to let the next plugin decide. The built-in default is the local pooler: one pool per
+        (database, user) to the database's host, in the configured pool mode.
+
+    Called from: ``Relay.route_client``, during login, after authentication.
+    """
+
+
+@hookspec(firstresult=True)
+def pgrelay_choose_host(relay: "Relay", route: "Route", hosts: "tuple[HostAddr, ...]") -> "HostAddr | None":
+    """Pick the server address for a new server connection among a route's hosts.
+
+    :returns: one of ``hosts``, or None for the default (round robin).
+
+    Called from: ``Relay.choose_host``, each time a pool opens a server connection.
+    """
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def pgrelay_check_client_limits(relay: "Relay", login: "Login") -> "Reject | None":
+    """Admit or refuse a client before authentication.
+
+    :returns: a Reject to refuse (PgBouncer's ``no more connections allowed (max_client_conn)``),
+        or None to admit as far as this plugin is concerned.
+
+    Called from: ``Relay.check_client_limits``, after the StartupMessage is parsed.
+    """
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def pgrelay_translate_error(relay: "Relay", error: BaseException, phase: str,
+                            client: "ClientConnection | None") -> "Reject | None":
+    """Turn a fault into what the client is told.
+
+    :param phase: ``"login"`` or ``"relay"``.
+    :returns: the Reject to send, or None to let the next plugin decide. The built-in default
+        maps pgrelay's exception classes to their SQLSTATEs and anything else to XX000, without
+        exposing internals.
+
+    Called from: ``Relay.translate_error``, whenever a client is disconnected because of a fault.
+    """
+
+
+# -- observability (notifications; return values are ignored) ---------------------------------
+
+@hookspec
+def pgrelay_client_connected(relay: "Relay", client: "ClientConnection") -> None:
+    """A client finished logging in. Called from: ``Relay.client_connected`` (in a new greenlet)."""
+
+
+@hookspec
+def pgrelay_client_disconnected(relay: "Relay", client: "ClientConnection", reason: str) -> None:
+    """A client left; ``reason`` is the logged disconnect reason.
+
+    Called from: ``Relay.client_disconnected`` (in a new greenlet).
+    """
+
+
+@hookspec
+def pgrelay_server_connected(relay: "Relay", server: "ServerConnection") -> None:
+    """A server connection logged in. Called from: ``Relay.server_connected`` (in a new greenlet)."""
+
+
+@hookspec
+def pgrelay_server_disconnected(relay: "Relay", server: "ServerConnection", reason: str) -> None:
+    """A server connection closed. Called from: ``Relay.server_disconnected`` (in a new greenlet)."""
+
+
+@hookspec
+def pgrelay_report_stats(relay: "Relay", stats: dict[str, Any]) -> None:
+    """Periodic statistics, every ``stats_period`` seconds.
+
+    :param stats: ``{"pools": {name: {...counters...}}, "clients": n, "servers": n, "disconnects":
+        {reason: count}}``; counters are totals since start.
+
+    Called from: ``Relay.report_stats``, by the janitor.
+    """

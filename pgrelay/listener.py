@@ -1,0 +1,171 @@
+"""Listening sockets (TCP and Unix) whose accept callbacks hand new connections to the relay."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent import get_hub
+
+from .errors import ConfigError
+from .routing import Listener
+
+if TYPE_CHECKING:
+    from .relay import Relay
+
+log = logging.getLogger("pgrelay")
+
+ACCEPTS_PER_WAKEUP = 64
+
+
+class _Bound:
+    __slots__ = ("sock", "watcher", "info", "unix_path")
+
+    def __init__(self, sock, info: Listener, unix_path: str | None):
+        self.sock = sock
+        self.info = info
+        self.unix_path = unix_path
+        self.watcher = get_hub().loop.io(sock.fileno(), 1)
+
+
+class Listeners:
+    """The relay's listening sockets: listen_addr x listen_port, plus the Unix socket."""
+
+    def __init__(self, relay: "Relay"):
+        self.relay = relay
+        self.bound: list[_Bound] = []
+
+    def start(self) -> None:
+        config = self.relay.config
+        port = config.listen_port
+        info = Listener(name="main", addr=",".join(config.listen_addr), port=port)
+        errors = []
+        for addr in config.listen_addr:
+            try:
+                for family, sockaddr in _resolve(addr, port):
+                    self._bind_tcp(family, sockaddr, info)
+            except OSError as exc:
+                errors.append(f"{addr}:{port}: {exc.strerror or exc}")
+        if config.unix_socket_dir:
+            path = os.path.join(config.unix_socket_dir, f".s.PGSQL.{port}")
+            try:
+                self._bind_unix(path, info)
+            except OSError as exc:
+                errors.append(f"{path}: {exc.strerror or exc}")
+        for error in errors:
+            log.warning("could not listen on %s", error)
+        if not self.bound:
+            raise ConfigError("no listening socket could be opened: " + "; ".join(errors or ["nothing configured"]))
+
+    def _bind_tcp(self, family, sockaddr, info: Listener) -> None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(self.relay.config.listen_backlog)
+        except OSError:
+            sock.close()
+            raise
+        log.info("listening on %s", _format_addr(sockaddr))
+        self._watch(sock, info, None)
+
+    def _bind_unix(self, path: str, info: Listener) -> None:
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                probe.close()
+                raise OSError(errno.EADDRINUSE, "another process is listening on the Unix socket")
+            except ConnectionRefusedError:
+                os.unlink(path)
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, self.relay.config.unix_socket_mode)
+            sock.listen(self.relay.config.listen_backlog)
+        except OSError:
+            sock.close()
+            raise
+        log.info("listening on unix:%s", path)
+        self._watch(sock, info, path)
+
+    def _watch(self, sock, info: Listener, unix_path: str | None) -> None:
+        sock.setblocking(False)
+        bound = _Bound(sock, info, unix_path)
+        bound.watcher.start(self._on_accept, bound)
+        self.bound.append(bound)
+
+    def _on_accept(self, bound: _Bound) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, addr = bound.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept() failed: %s; pausing accepts for 1s", exc.strerror)
+                    bound.watcher.stop()
+                    gevent.spawn_later(1.0, self._resume, bound)
+                else:
+                    log.warning("accept() failed: %s", exc.strerror or exc)
+                return
+            if bound.unix_path:
+                peer = "unix"
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            try:
+                self.relay.accept(sock, peer, bound.info)
+            except Exception:
+                log.exception("could not set up a new client connection")
+                sock.close()
+
+    def _resume(self, bound: _Bound) -> None:
+        if bound in self.bound:
+            bound.watcher.start(self._on_accept, bound)
+
+    def addresses(self) -> list[str]:
+        out = []
+        for bound in self.bound:
+            out.append(bound.unix_path if bound.unix_path else _format_addr(bound.sock.getsockname()))
+        return out
+
+    def stop(self) -> None:
+        for bound in self.bound:
+            bound.watcher.stop()
+            bound.watcher.close()
+            bound.sock.close()
+            if bound.unix_path:
+                try:
+                    os.unlink(bound.unix_path)
+                except OSError:
+                    pass
+        self.bound = []
+
+
+def _resolve(addr: str, port: int):
+    if addr == "*":
+        out = [(socket.AF_INET, ("0.0.0.0", port))]
+        if socket.has_ipv6:
+            out.append((socket.AF_INET6, ("::", port)))
+        return out
+    infos = socket.getaddrinfo(addr, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    seen, out = set(), []
+    for family, _, _, _, sockaddr in infos:
+        if sockaddr not in seen:
+            seen.add(sockaddr)
+            out.append((family, sockaddr))
+    return out
+
+
+def _format_addr(sockaddr) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

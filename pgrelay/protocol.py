@@ -1,0 +1,157 @@
+"""PostgreSQL v3 wire-protocol constants, message builders and parsers (no I/O)."""
+
+from __future__ import annotations
+
+import struct
+
+# Protocol version codes found where a StartupMessage carries its version.
+PROTOCOL_3_0 = 196608
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+# Limits. PostgreSQL refuses startup packets above 10000 bytes.
+MAX_STARTUP_PACKET = 10000
+MAX_MESSAGE_LENGTH = 0x7FFFFFFF
+
+_I32 = struct.Struct("!I")
+_I32I32 = struct.Struct("!II")
+pack_i32 = _I32.pack
+unpack_i32 = _I32.unpack_from
+
+# Frontend (client -> server) message types valid after the startup phase.
+FRONTEND_TYPES = frozenset(b"QPBEDCHSXFdcfp")
+# A 256-entry table: VALID_FRONTEND[t] is 1 for a type byte the relay forwards as is.
+# Terminate ('X') and password messages ('p') are handled, not forwarded.
+VALID_FRONTEND = bytes(1 if t in FRONTEND_TYPES and t not in b"Xp" else 0 for t in range(256))
+
+READY_IDLE = b"Z\x00\x00\x00\x05I"
+AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+SSL_NO = b"N"
+EMPTY_QUERY = b"Q\x00\x00\x00\x05\x00"
+TERMINATE = b"X\x00\x00\x00\x04"
+SYNC = b"S\x00\x00\x00\x04"
+
+
+def message(kind: bytes, body: bytes) -> bytes:
+    """One typed message: kind byte, length, body."""
+    return kind + pack_i32(len(body) + 4) + body
+
+
+def cstr(text: str) -> bytes:
+    return text.encode("utf-8") + b"\x00"
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", cstr(name) + cstr(value))
+
+
+def backend_key_data(key: bytes) -> bytes:
+    return message(b"K", key)
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", cstr(sql))
+
+
+def negotiate_protocol_version(minor: int, unrecognized: list[str]) -> bytes:
+    body = _I32I32.pack(minor, len(unrecognized)) + b"".join(cstr(o) for o in unrecognized)
+    return message(b"v", body)
+
+
+def startup_message(params: dict[str, str]) -> bytes:
+    body = pack_i32(PROTOCOL_3_0) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\x00"
+    return pack_i32(len(body) + 4) + body
+
+
+def cancel_request(key: bytes) -> bytes:
+    return _I32I32.pack(16, CANCEL_REQUEST_CODE) + key
+
+
+def password_message(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", cstr(mechanism) + pack_i32(len(data)) + data)
+
+
+# ErrorResponse / NoticeResponse field codes.
+FIELD_NAMES = {
+    "S": "severity", "V": "severity_v", "C": "sqlstate", "M": "message", "D": "detail",
+    "H": "hint", "P": "position", "p": "internal_position", "q": "internal_query",
+    "W": "where", "s": "schema", "t": "table", "c": "column", "d": "data_type",
+    "n": "constraint", "F": "file", "L": "line", "R": "routine",
+}
+
+
+def error_response(severity: str, sqlstate: str, text: str, detail: str | None = None,
+                   hint: str | None = None, kind: bytes = b"E") -> bytes:
+    """An ErrorResponse (or NoticeResponse with kind=b'N') built from its fields."""
+    body = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(sqlstate) + b"M" + cstr(text)
+    if detail:
+        body += b"D" + cstr(detail)
+    if hint:
+        body += b"H" + cstr(hint)
+    return message(kind, body + b"\x00")
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse body; tolerant of missing terminators."""
+    fields: dict[str, str] = {}
+    pos, end = 0, len(body)
+    while pos < end and body[pos] != 0:
+        code = chr(body[pos])
+        nul = body.find(b"\x00", pos + 1)
+        if nul < 0:
+            nul = end
+        fields[code] = body[pos + 1:nul].decode("utf-8", "replace")
+        pos = nul + 1
+    return fields
+
+
+def parse_cstrings(body: bytes, start: int = 0) -> list[str]:
+    """Split a run of NUL-terminated strings; raises ValueError on bad framing or encoding."""
+    out = []
+    pos, end = start, len(body)
+    while pos < end:
+        nul = body.find(b"\x00", pos)
+        if nul < 0:
+            raise ValueError("missing string terminator")
+        out.append(body[pos:nul].decode("utf-8"))
+        pos = nul + 1
+    return out
+
+
+def parse_startup_params(body: bytes) -> list[tuple[str, str]]:
+    """Key/value pairs of a StartupMessage body (after the version); ValueError if malformed."""
+    if not body or body[-1] != 0:
+        raise ValueError("startup packet is not terminated")
+    items = parse_cstrings(body[4:-1])
+    if len(items) % 2:
+        raise ValueError("startup packet has a key without a value")
+    pairs = []
+    for i in range(0, len(items), 2):
+        if not items[i]:
+            raise ValueError("startup packet has an empty parameter name")
+        pairs.append((items[i], items[i + 1]))
+    return pairs
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    parts = parse_cstrings(body)
+    if len(parts) != 2:
+        raise ValueError("bad ParameterStatus")
+    return parts[0], parts[1]
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,350 @@
+"""The Relay: one pgrelay instance, owning its configuration, plugins, listeners, pools and clients.
+
+Every hook has exactly one call site, a method of this class named after the hook.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import signal
+import time
+from typing import Any, Iterable
+
+import gevent
+from gevent.event import Event
+
+from . import logs
+from .auth import ScramClient
+from .config import Config, load_config
+from .errors import ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
+from .listener import Listeners
+from .plugins import make_plugin_manager
+from .pool import CL_CLOSED, SV_ACTIVE, Pool
+from .protocol import quote_literal
+from .routing import Database, HostAddr, Login, Route
+from .settings import SettingsRegistry, core_registry
+
+log = logging.getLogger("pgrelay")
+
+BUILTIN_TRACKED = ("client_encoding", "DateStyle", "TimeZone", "standard_conforming_strings", "application_name")
+# Parameters whose reported value is already a quoted list; they are SET without re-quoting.
+LIST_QUOTED = {"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"}
+
+
+class Relay:
+    """A pooler instance. Build it from argv/env, then ``start()``; ``shutdown()`` stops it."""
+
+    def __init__(self, config_path: str | None = None, args: Iterable[str] = (), env: dict[str, str] | None = None):
+        self.config_path = config_path
+        self.args = list(args)
+        self.env = dict(os.environ if env is None else env)
+        bootstrap = load_config(core_registry(), config_path, self.args, self.env, lenient=True)
+        self.pm = make_plugin_manager(extra=bootstrap.plugins, disabled=bootstrap.disable_plugins)
+        self.hook = self.pm.hook
+        self.registry = core_registry()
+        self.add_settings(self.registry)
+        self.config: Config = load_config(self.registry, config_path, self.args, self.env)
+        self.plugin_data: dict[str, Any] = {}  # per-relay state of plugins, keyed by plugin
+        self.pools: dict[Any, Pool] = {}
+        self.clients: dict[int, Any] = {}
+        self.cancel_keys: dict[bytes, Any] = {}
+        self.disconnects: collections.Counter[str] = collections.Counter()
+        self.shutting_down = False
+        self.stopped = Event()
+        self.listeners = Listeners(self)
+        self._janitor = None
+        self._apply_config()
+        self.configure()
+
+    def _apply_config(self) -> None:
+        config = self.config
+        self.tracked = BUILTIN_TRACKED + tuple(p for p in config.track_extra_parameters
+                                               if p.lower() not in {t.lower() for t in BUILTIN_TRACKED})
+        self.tracked_index = {name.lower(): i for i, name in enumerate(self.tracked)}
+        self.ignored_startup_parameters = {p.lower() for p in config.ignore_startup_parameters}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind listeners, write the pidfile, start the janitor and signal handlers."""
+        from .janitor import Janitor
+        logs.setup(self.config)
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
+        self.listeners.start()
+        if self.config.pidfile:
+            with open(self.config.pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        self._janitor = Janitor(self)
+        self._janitor.start()
+        self.hook.pgrelay_startup(relay=self)
+        log.info("process up: pgrelay %s, gevent %s", _version(), gevent.__version__)
+
+    def install_signal_handlers(self) -> None:
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+        gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(self.shutdown, "wait_for_servers"))
+        gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.shutdown, "wait_for_clients"))
+        gevent.signal_handler(signal.SIGQUIT, lambda: gevent.spawn(self.shutdown, "fast"))
+
+    def serve_forever(self) -> None:
+        self.stopped.wait()
+
+    def reload(self) -> bool:
+        """Re-read the configuration; keep the old one if the new one is invalid."""
+        log.info("got SIGHUP, re-reading config")
+        try:
+            new = load_config(self.registry, self.config_path, self.args, self.env)
+        except (ConfigError, OSError) as exc:
+            log.error("config reload failed, keeping the old configuration: %s", exc)
+            return False
+        changed = new.changed(self.config)
+        fixed = {name for name in changed if name in self.registry.settings
+                 and not self.registry.settings[name].reload}
+        for name in sorted(fixed):
+            log.warning("setting %s cannot be changed by a reload; restart pgrelay to apply it", name)
+        values = dict(new.values)
+        for name in fixed:
+            values[name] = self.config.values[name]
+        old = self.config
+        self.config = Config(values=values, sections=new.sections, path=new.path, warnings=new.warnings)
+        try:
+            self.configure()
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the old configuration: %s", exc)
+            self.config = old
+            self.configure()
+            return False
+        self._apply_config()
+        logs.setup(self.config)
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        self.hook.pgrelay_reload(relay=self, changed=changed - fixed)
+        return True
+
+    def shutdown(self, mode: str = "fast") -> None:
+        """Stop accepting; then stop at once, after active servers are released, or after clients leave."""
+        if self.shutting_down:
+            mode = "fast"
+        log.info("shutdown requested (%s)", mode)
+        self.shutting_down = True
+        self.listeners.stop()
+        self.hook.pgrelay_shutdown(relay=self, mode=mode)
+        if mode == "wait_for_servers":
+            while any(s.state == SV_ACTIVE for p in self.pools.values() for s in p.servers) \
+                    and self.shutting_down and not self.stopped.is_set():
+                gevent.sleep(0.1)
+        elif mode == "wait_for_clients":
+            while self.clients and not self.stopped.is_set():
+                gevent.sleep(0.1)
+        if self.stopped.is_set():
+            return
+        for client in list(self.clients.values()):
+            client.disconnect("server shutting down", Reject("server shutting down", "57P01"))
+        for pool in self.pools.values():
+            for server in list(pool.servers):
+                server.close("pooler is shutting down")
+        if self._janitor:
+            self._janitor.stop()
+        if self.config.pidfile:
+            try:
+                os.unlink(self.config.pidfile)
+            except OSError:
+                pass
+        log.info("shutdown complete")
+        self.stopped.set()
+
+    # -- clients and servers ------------------------------------------------------------------------
+
+    def accept(self, sock, peer: str, listener) -> None:
+        from .client import ClientConnection
+        client = ClientConnection(self, sock, peer, listener)
+        self.clients[client.id] = client
+        gevent.spawn(client.run_login)
+
+    def register_client(self, client) -> bytes:
+        """A fresh random cancel key (sign bit cleared, as PgBouncer does) mapped to the client."""
+        while True:
+            key = bytearray(secrets.token_bytes(8))
+            key[0] &= 0x7F
+            key = bytes(key)
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                return key
+
+    def forget_client(self, client) -> None:
+        self.clients.pop(client.id, None)
+        if client.key and self.cancel_keys.get(client.key) is client:
+            del self.cancel_keys[client.key]
+
+    def cancel(self, key: bytes) -> None:
+        """A CancelRequest: forward it only to the server currently running this client's query."""
+        client = self.cancel_keys.get(key)
+        if client is None or client.state == CL_CLOSED:
+            return
+        server = client.server
+        if server is not None and server.state == SV_ACTIVE:
+            server.forward_cancel()
+
+    def get_pool(self, route: Route) -> Pool:
+        pool = self.pools.get(route.pool_key)
+        if pool is None:
+            pool = self.pools[route.pool_key] = Pool(self, route)
+        elif pool.route != route:
+            pool.configure(route)
+        return pool
+
+    def launch_server(self, pool: Pool) -> None:
+        from .server import ServerConnection
+        host = self.choose_host(pool)
+        server = ServerConnection(self, pool, host)
+        pool.add_server(server)
+        gevent.spawn(server.login)
+
+    def tracked_values(self, defaults: dict[str, str], overrides: dict[str, str] | None = None) -> tuple:
+        """Tracked parameter values in `tracked` order: the client's own, else the server's."""
+        lowered = {k.lower(): v for k, v in defaults.items()}
+        if overrides:
+            lowered.update({k.lower(): v for k, v in overrides.items()})
+        return tuple(lowered.get(name.lower()) for name in self.tracked)
+
+    def set_params_sql(self, want: tuple, have: tuple) -> str | None:
+        """One SET batch that makes a server's tracked values match a client's, or None if they do."""
+        if want is have:
+            return None
+        parts = []
+        for name, value, current in zip(self.tracked, want, have):
+            if value is None or (current is not None and value.lower() == current.lower()):
+                continue
+            rendered = value if name.lower() in LIST_QUOTED else quote_literal(value)
+            parts.append(f"SET {name}={rendered}")
+        return ";".join(parts) if parts else None
+
+    def negotiate_tls(self, client, code: int) -> bool:
+        """Answer an SSLRequest/GSSENCRequest; False means pgrelay answered nothing (caller sends 'N')."""
+        return False
+
+    def scram_client(self, route: Route, password: str | None) -> ScramClient | None:
+        if password is None:
+            return None
+        from .auth import ScramSecret
+        secret = ScramSecret.parse(password)
+        if secret is not None:
+            return None  # a stored verifier alone cannot log in; pass-through keys are needed
+        return ScramClient(password=password)
+
+    def server_password(self, route: Route) -> str | None:
+        return self.get_credentials(None, route.server_user)
+
+    # -- hook call sites (one per hook) -----------------------------------------------------------
+
+    def add_settings(self, registry: SettingsRegistry) -> None:
+        self.hook.pgrelay_add_settings(settings=registry)
+
+    def configure(self) -> None:
+        self.hook.pgrelay_configure(relay=self)
+
+    def choose_auth_method(self, login: Login) -> str | Reject:
+        method = self.hook.pgrelay_choose_auth_method(relay=self, login=login)
+        if method is None:
+            return Reject("no authentication method configured", "28000")
+        return method
+
+    def authenticate(self, client, login: Login) -> None:
+        """Run the client's authentication exchange; raise RejectError to refuse it."""
+        method = self.choose_auth_method(login)
+        if isinstance(method, Reject):
+            raise RejectError(method)
+        if method in ("trust", "any"):
+            return
+        raise RejectError(Reject(f"authentication method {method} is not supported by this build", "28000"))
+
+    def get_credentials(self, login: Login | None, user: str) -> str | None:
+        return self.hook.pgrelay_get_credentials(relay=self, login=login, user=user)
+
+    def check_password(self, login: Login, password: str) -> bool | None:
+        return self.hook.pgrelay_check_password(relay=self, login=login, password=password)
+
+    def find_database(self, name: str) -> Database | None:
+        return self.hook.pgrelay_find_database(relay=self, name=name)
+
+    def route_client(self, login: Login) -> Route | Reject:
+        decision = self.hook.pgrelay_route_client(relay=self, login=login)
+        if decision is None:
+            return Reject(f"no such database: {login.database}")
+        return decision
+
+    def choose_host(self, pool: Pool) -> HostAddr:
+        hosts = pool.route.hosts
+        chosen = self.hook.pgrelay_choose_host(relay=self, route=pool.route, hosts=hosts)
+        if chosen is None:
+            chosen = hosts[pool.next_host % len(hosts)]
+            pool.next_host += 1
+        return chosen
+
+    def check_client_limits(self, login: Login) -> Reject | None:
+        return self.hook.pgrelay_check_client_limits(relay=self, login=login)
+
+    def translate_error(self, error: BaseException, phase: str, client) -> Reject:
+        if isinstance(error, RejectError):
+            return error.decision
+        try:
+            decision = self.hook.pgrelay_translate_error(relay=self, error=error, phase=phase, client=client)
+        except Exception:
+            log.exception("pgrelay_translate_error failed")
+            decision = None
+        if decision is None:
+            if isinstance(error, PgRelayError):
+                return error.reject()
+            return Reject("internal error", INTERNAL_ERROR)
+        return decision
+
+    def _notify(self, hook_name: str, **kwargs) -> None:
+        caller = getattr(self.hook, hook_name)
+        if caller.get_hookimpls():
+            gevent.spawn(self._run_notification, caller, kwargs)
+
+    def _run_notification(self, caller, kwargs) -> None:
+        try:
+            caller(relay=self, **kwargs)
+        except Exception:
+            log.exception("plugin failed in %s", caller.name)
+
+    def client_connected(self, client) -> None:
+        self._notify("pgrelay_client_connected", client=client)
+
+    def client_disconnected(self, client, reason: str, during_login: bool = False) -> None:
+        self.disconnects[reason] += 1
+        self._notify("pgrelay_client_disconnected", client=client, reason=reason)
+
+    def server_connected(self, server) -> None:
+        self._notify("pgrelay_server_connected", server=server)
+
+    def server_disconnected(self, server, reason: str) -> None:
+        self.disconnects["server: " + reason] += 1
+        self._notify("pgrelay_server_disconnected", server=server, reason=reason)
+
+    def report_stats(self, stats: dict[str, Any]) -> None:
+        self._notify("pgrelay_report_stats", stats=stats)
+
+    # -- introspection ------------------------------------------------------------------------------
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        pools = {}
+        for pool in self.pools.values():
+            s = pool.stats
+            pools[pool.name] = {
+                "xact_count": s.xact_count, "query_count": s.query_count, "bytes_received": s.bytes_received,
+                "bytes_sent": s.bytes_sent, "wait_time": s.wait_time, "clients": pool.nclients,
+                "waiting": len(pool.waiting), "servers": len(pool.servers), "idle_servers": len(pool.idle),
+            }
+        return {"pools": pools, "clients": len(self.clients),
+                "servers": sum(len(p.servers) for p in self.pools.values()),
+                "disconnects": dict(self.disconnects), "time": time.time()}
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__

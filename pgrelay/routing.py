@@ -1,0 +1,85 @@
+"""Value types that routing, auth and limit hooks receive and return; frozen, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Mapping
+
+SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
+
+
+@dataclass(frozen=True)
+class HostAddr:
+    """A server address. A host starting with '/' is a Unix socket directory."""
+
+    host: str
+    port: int = 5432
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def unix_path(self) -> str | None:
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening endpoint as hooks see it: its name and what it is for."""
+
+    name: str
+    addr: str
+    port: int
+    pool_mode: str | None = None
+    role: str = "pooled"
+
+
+@dataclass(frozen=True)
+class Login:
+    """What a client asked for in its StartupMessage, and where it came from."""
+
+    client_id: int
+    listener: Listener
+    peer: str
+    user: str
+    database: str
+    params: Mapping[str, str] = field(default_factory=dict)
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class Database:
+    """A database definition a client's database name resolved to (a [databases] line)."""
+
+    name: str
+    hosts: tuple[HostAddr, ...]
+    dbname: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    pool_size: int | None = None
+    min_pool_size: int | None = None
+    pool_mode: str | None = None
+    connect_query: str = ""
+    server_params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a client's queries go: the pool (by key) and how its servers log in.
+
+    Pools are shared by every client whose route has the same `pool_key`. `reuse=False` makes
+    a direct connection: the server is opened for one client and closed with it.
+    """
+
+    pool_key: Hashable
+    name: str
+    hosts: tuple[HostAddr, ...]
+    dbname: str
+    server_user: str
+    server_password: str | None = field(default=None, repr=False)
+    pool_mode: str = SESSION
+    pool_size: int = 20
+    min_pool_size: int = 0
+    connect_query: str = ""
+    server_params: tuple[tuple[str, str], ...] = ()
+    reuse: bool = True

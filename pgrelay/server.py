@@ -1,0 +1,576 @@
+"""Server connections: login, the server-to-client half of the relay, parameter sync, reset and cancel."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent import Timeout
+
+from . import protocol
+from .auth import SCRAM_MECHANISM, ScramClient, ScramError, md5_password
+from .errors import ProtocolViolation, Reject, ServerError
+from .pool import (MODE_STATEMENT, MODE_TRANSACTION, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
+                   SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_server_state)
+from .stream import RECV_SIZE, Stream
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .pool import Pool
+    from .relay import Relay
+    from .routing import HostAddr
+
+log = logging.getLogger("pgrelay.server")
+
+_ids = itertools.count(1)
+_unpack = protocol._I32.unpack_from
+_Z, _S, _E, _I = 90, 83, 69, 73
+MAX_SERVER_META_MESSAGE = 1 << 20  # ParameterStatus / ReadyForQuery bigger than this is a violation
+
+
+def open_socket(addr: "HostAddr", timeout: float) -> socket.socket:
+    """A connected, non-blocking socket to a server address (TCP or Unix)."""
+    path = addr.unix_path
+    if path:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = path
+    else:
+        from gevent import socket as gsocket
+        infos = gsocket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM)
+        family, _, _, _, target = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex(target)
+        if err not in (0, 115, 11):  # EINPROGRESS, EAGAIN
+            raise OSError(err, f"connect to {addr} failed: {socket.errno.errorcode.get(err, err)}")
+        if err:
+            from gevent.hub import get_hub
+            watcher = get_hub().loop.io(sock.fileno(), 2)
+            try:
+                get_hub().wait(watcher)
+            finally:
+                watcher.close()
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"connect to {addr} failed: {socket.errno.errorcode.get(err, err)}")
+    except BaseException:
+        sock.close()
+        raise
+    if not path:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class ServerConnection:
+    """One connection from pgrelay to a PostgreSQL server (or another pooler)."""
+
+    __slots__ = ("relay", "pool", "id", "addr", "stream", "sock", "state", "client", "expect", "txstatus",
+                 "skip", "carry", "pvals", "params", "key", "connect_time", "idle_since", "cancels",
+                 "close_reason", "out", "paused", "paused_by", "swallow", "sync_data", "sync_queries",
+                 "sync_error", "__weakref__")
+
+    def __init__(self, relay: "Relay", pool: "Pool", addr: "HostAddr"):
+        self.relay = relay
+        self.pool = pool
+        self.id = next(_ids)
+        self.addr = addr
+        self.stream: Stream | None = None
+        self.sock = None
+        self.state = SV_LOGIN
+        self.client: ClientConnection | None = None
+        self.expect = 0             # ReadyForQuery messages still owed for queries sent
+        self.txstatus = _I          # status byte of the last ReadyForQuery
+        self.skip = 0               # bytes of the current message that lie beyond the last buffer
+        self.carry = b""            # a split header or a message needed whole, awaiting more bytes
+        self.pvals: tuple = ()      # tracked parameter values currently set on this server
+        self.params: dict[str, str] = {}
+        self.key = b""
+        self.connect_time = time.monotonic()
+        self.idle_since = self.connect_time
+        self.cancels = 0            # cancel requests in flight against this server
+        self.close_reason = ""
+        self.out: bytearray | None = None   # bytes for the server that did not fit its socket
+        self.paused = None          # the client whose reading we paused while `out` drains
+        self.paused_by = None       # the client that paused our reading while its `out` drains
+        self.swallow = bytearray()  # replies to pgrelay's own queries (SET, reset) being read
+        self.sync_data = b""        # a client's bytes held back until a SET batch completes
+        self.sync_queries = 0
+        self.sync_error: Reject | None = None
+
+    def __repr__(self) -> str:
+        return f"S-{self.id}"
+
+    @property
+    def state_name(self) -> str:
+        return SERVER_STATE_NAMES[self.state]
+
+    # -- login (a greenlet per new server) --------------------------------------------------
+
+    def login(self) -> None:
+        """Connect and authenticate; hand the server to its pool or report the failure."""
+        route = self.pool.route
+        try:
+            with Timeout(self.relay.config.server_connect_timeout or None,
+                         ServerError(f"server connect timeout to {self.addr}")):
+                try:
+                    sock = open_socket(self.addr, 0)
+                except OSError as exc:
+                    raise ServerError(f"could not connect to server {self.addr}: {exc.strerror or exc}") from None
+                self.stream = Stream(sock)
+                self.sock = sock
+                self._authenticate(route)
+                if route.connect_query:
+                    self._run_query(route.connect_query)
+        except ServerError as exc:
+            log.warning("S-%d: %s/%s@%s login failed: %s", self.id, route.dbname, route.server_user, self.addr, exc)
+            self._discard()
+            self.pool.server_login_failed(self, exc)
+            return
+        except Exception as exc:  # a bug: log it, count it, keep serving
+            log.exception("S-%d: unexpected error during server login", self.id)
+            self._discard()
+            self.pool.server_login_failed(self, ServerError(f"server login failed: {type(exc).__name__}"))
+            return
+        self.pvals = self.relay.tracked_values(self.params)
+        if self.relay.config.verbose:
+            log.debug("S-%d: %s/%s@%s new connection to server", self.id, route.dbname, route.server_user, self.addr)
+        self.stream.rw.start(self._on_readable)
+        self.relay.server_connected(self)
+        self.pool.server_ready(self)
+
+    def _discard(self) -> None:
+        self.state = SV_CLOSED
+        if self.stream is not None:
+            self.stream.close()
+
+    def _read(self) -> tuple[int, bytes]:
+        try:
+            return self.stream.read_message(protocol.MAX_MESSAGE_LENGTH)
+        except ProtocolViolation as exc:
+            raise ServerError(f"server sent a bad message: {exc}") from None
+        except Exception as exc:
+            raise ServerError(f"server closed the connection during login ({type(exc).__name__})") from None
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.stream.sendall(data)
+        except Exception:
+            raise ServerError("server connection lost during login") from None
+
+    def _authenticate(self, route) -> None:
+        params = {"user": route.server_user, "database": route.dbname}
+        params.update(route.server_params)
+        self._send(protocol.startup_message(params))
+        scram: ScramClient | None = None
+        password = route.server_password
+        if password is None:
+            password = self.relay.server_password(route)
+        while True:
+            kind, body = self._read()
+            if kind == 82:  # 'R'
+                if len(body) < 4:
+                    raise ServerError("server sent a short authentication request")
+                code = _unpack(body, 0)[0]
+                if code == 0:
+                    continue
+                if code == 3:
+                    if password is None:
+                        raise ServerError("server asked for a password and none is configured")
+                    self._send(protocol.password_message(protocol.cstr(password)))
+                elif code == 5:
+                    if password is None or len(body) < 8:
+                        raise ServerError("server asked for an md5 password and none is configured")
+                    if password.startswith("md5") and len(password) == 35:
+                        from .auth import md5_from_secret
+                        payload = md5_from_secret(password, body[4:8])
+                    else:
+                        payload = md5_password(password, route.server_user, body[4:8])
+                    self._send(protocol.password_message(payload + b"\x00"))
+                elif code == 10:
+                    mechanisms = body[4:].split(b"\x00")
+                    if SCRAM_MECHANISM.encode() not in mechanisms:
+                        raise ServerError("server offers no supported SASL mechanism")
+                    scram = self.relay.scram_client(route, password)
+                    if scram is None:
+                        raise ServerError("server asked for SCRAM and no password or secret is configured")
+                    self._send(protocol.sasl_initial_response(scram.mechanism, scram.first_message()))
+                elif code == 11:
+                    if scram is None:
+                        raise ServerError("server sent SASLContinue out of order")
+                    try:
+                        self._send(protocol.password_message(scram.final_message(body[4:])))
+                    except ScramError as exc:
+                        raise ServerError(f"server login failed: {exc}") from None
+                elif code == 12:
+                    if scram is None:
+                        raise ServerError("server sent SASLFinal out of order")
+                    try:
+                        scram.verify_final(body[4:])
+                    except ScramError as exc:
+                        raise ServerError(f"server login failed: {exc}") from None
+                else:
+                    raise ServerError(f"server asked for an unsupported authentication method ({code})")
+            elif kind == _S:
+                try:
+                    name, value = protocol.parse_parameter_status(body)
+                except ValueError:
+                    raise ServerError("server sent a bad ParameterStatus") from None
+                self.params[name] = value
+            elif kind == 75:  # 'K'
+                if len(body) != 8:
+                    raise ServerError("server sent a BackendKeyData of unexpected size")
+                self.key = body
+            elif kind == _Z:
+                return
+            elif kind == _E:
+                fields = protocol.parse_fields(body)
+                raise ServerError(fields.get("M", "server login failed"), fields)
+            elif kind in (78, 118):  # NoticeResponse, NegotiateProtocolVersion
+                continue
+            else:
+                raise ServerError(f"server sent unexpected message {chr(kind)!r} during login")
+
+    def _run_query(self, sql: str) -> None:
+        self._send(protocol.query(sql))
+        while True:
+            kind, body = self._read()
+            if kind == _E:
+                fields = protocol.parse_fields(body)
+                raise ServerError(f"connect_query failed: {fields.get('M', '')}", fields)
+            if kind == _S:
+                name, value = protocol.parse_parameter_status(body)
+                self.params[name] = value
+            if kind == _Z:
+                return
+
+    # -- the relay: server to client ----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.lost(f"server read failed: {exc.strerror or exc}")
+            return
+        if not data:
+            self.lost("server closed connection")
+            return
+        try:
+            if self.state == SV_ACTIVE:
+                self._relay(data)
+            elif self.state == SV_SYNC or self.state == SV_RESET:
+                self._swallow(data)
+            else:
+                self.close("idle server got data" if self.state == SV_IDLE else "server sent data while unlinked")
+        except ProtocolViolation as exc:
+            self.lost(f"server protocol violation: {exc}")
+        except Exception:
+            log.exception("S-%d: internal error while relaying", self.id)
+            self.lost("internal error")
+
+    def _relay(self, data: bytes) -> None:
+        """Hot path: scan headers for ReadyForQuery, forward the buffer as it came, release at idle."""
+        n = len(data)
+        skip = self.skip
+        if skip >= n and not self.carry:
+            self.skip = skip - n
+            zs = 0
+        else:
+            zs = self._scan(data)
+        client = self.client
+        client.pool.stats.bytes_received += n
+        if client.out is None:
+            try:
+                sent = client.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                client.disconnect("client write failed")
+                return
+            if sent != n:
+                client.backlog(data[sent:], self)
+        else:
+            client.out += data
+        if zs:
+            expect = self.expect - zs
+            self.expect = expect if expect > 0 else 0
+            client.pool.stats.query_count += zs
+            if expect <= 0:
+                mode = client.pool.mode
+                if mode == MODE_TRANSACTION:
+                    if self.txstatus == _I:
+                        client.pool.release(self)
+                elif mode == MODE_STATEMENT:
+                    if self.txstatus == _I:
+                        client.pool.release(self)
+                    else:
+                        reject = Reject("transaction blocks not allowed in statement pooling mode")
+                        self.close("transaction blocks not allowed in statement pooling mode")
+                        client.disconnect("transaction blocks not allowed in statement pooling mode", reject)
+
+    def _scan(self, data: bytes) -> int:
+        """Count ReadyForQuery messages (keeping the last status) and apply ParameterStatus."""
+        if self.carry:
+            buf = self.carry + data
+            self.carry = b""
+            pos = 0
+        else:
+            buf = data
+            pos = self.skip
+        n = len(buf)
+        zs = 0
+        while pos + 5 <= n:
+            kind = buf[pos]
+            length = _unpack(buf, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"server message {chr(kind)!r} with length {length}")
+            end = pos + 1 + length
+            if kind == _Z:
+                if length != 5:
+                    raise ProtocolViolation(f"ReadyForQuery with length {length}")
+                if end > n:
+                    break
+                zs += 1
+                self.txstatus = buf[pos + 5]
+            elif kind == _S:
+                if length > MAX_SERVER_META_MESSAGE:
+                    raise ProtocolViolation("oversized ParameterStatus")
+                if end > n:
+                    break
+                self._parameter_status(buf[pos + 5:end])
+            pos = end
+        if pos < n:
+            self.carry = buf[pos:]
+            self.skip = 0
+        else:
+            self.skip = pos - n
+        return zs
+
+    def _parameter_status(self, body: bytes) -> None:
+        try:
+            name, value = protocol.parse_parameter_status(body)
+        except ValueError:
+            raise ProtocolViolation("malformed ParameterStatus") from None
+        self.params[name] = value
+        index = self.relay.tracked_index.get(name.lower())
+        if index is not None:
+            self.pvals = _replace(self.pvals, index, value)
+            client = self.client
+            if client is not None:
+                client.pvals = _replace(client.pvals, index, value)
+
+    # -- pgrelay's own queries: SET batches and the reset query ------------------------------------
+
+    def begin_sync(self, client: "ClientConnection", sql: str, data: bytes, queries: int) -> None:
+        """Apply the client's parameters with one SET batch; its bytes follow once it completes."""
+        self.sync_data = data
+        self.sync_queries = queries
+        self.swallow = bytearray()
+        self.sync_error = None
+        client.stop_reading()
+        self.write(protocol.query(sql))
+
+    def reset(self) -> None:
+        """Run server_reset_query before the server goes back to the pool."""
+        change_server_state(self, SV_RESET)
+        self.swallow = bytearray()
+        self.sync_error = None
+        self.write(protocol.query(self.relay.config.server_reset_query))
+
+    def _swallow(self, data: bytes) -> None:
+        """Read replies to pgrelay's own query whole; the client never sees them."""
+        buf = self.swallow
+        buf += data
+        if len(buf) > (1 << 24):
+            raise ProtocolViolation("too much output from a pgrelay-issued query")
+        pos, n = 0, len(buf)
+        while pos + 5 <= n:
+            kind = buf[pos]
+            length = _unpack(buf, pos + 1)[0]
+            if length < 4:
+                raise ProtocolViolation(f"server message {chr(kind)!r} with length {length}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            body = bytes(buf[pos + 5:end])
+            pos = end
+            if kind == _S:
+                self._parameter_status(body)
+            elif kind == _E:
+                self.sync_error = Reject.from_fields(protocol.parse_fields(body))
+            elif kind == _Z:
+                self.txstatus = body[0] if body else _I
+                del buf[:pos]
+                if buf:
+                    raise ProtocolViolation("server sent data after ReadyForQuery of a pgrelay query")
+                self._swallowed()
+                return
+        del buf[:pos]
+
+    def _swallowed(self) -> None:
+        error = self.sync_error
+        if self.state == SV_RESET:
+            if error is not None or self.txstatus != _I:
+                self.close("server_reset_query failed")
+            elif self.cancels:
+                change_server_state(self, SV_CANCEL_WAIT)
+            else:
+                self.pool.give(self)
+            return
+        client = self.client
+        if error is not None or self.txstatus != _I:
+            self.close("invalid server parameter")
+            client.disconnect("invalid server parameter", error or Reject("invalid server parameter"))
+            return
+        self.pvals = client.pvals
+        change_server_state(self, SV_ACTIVE)
+        data, self.sync_data = self.sync_data, b""
+        self.expect += self.sync_queries
+        if data:
+            self.write(data, client)
+        client.start_reading()
+
+    # -- writing to the server ------------------------------------------------------------------
+
+    def write(self, data: bytes, source: "ClientConnection | None" = None) -> None:
+        """Send without waiting; what does not fit is kept and `source` stops reading until it drains."""
+        if self.out is not None:
+            self.out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.lost(f"server write failed: {exc.strerror or exc}")
+            return
+        if sent != len(data):
+            self.backlog(data[sent:], source)
+
+    def backlog(self, rest: bytes, source: "ClientConnection | None") -> None:
+        self.out = bytearray(rest)
+        if source is not None:
+            source.stop_reading()
+            self.paused = source
+            source.paused_by = self
+        self.stream.ww.start(self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.lost(f"server write failed: {exc.strerror or exc}")
+            return
+        del self.out[:sent]
+        if self.out:
+            return
+        self.out = None
+        self.stream.ww.stop()
+        source, self.paused = self.paused, None
+        if source is not None:
+            source.paused_by = None
+            source.start_reading()
+
+    def start_reading(self) -> None:
+        if self.state != SV_CLOSED and self.stream is not None:
+            self.stream.rw.start(self._on_readable)
+
+    def stop_reading(self) -> None:
+        self.stream.rw.stop()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def is_clean(self) -> bool:
+        """Nothing outstanding: a client may leave and the server be reused."""
+        return (self.state == SV_ACTIVE and self.expect == 0 and self.txstatus == _I and self.out is None
+                and not self.carry and self.skip == 0)
+
+    def must_close(self) -> bool:
+        lifetime = self.relay.config.server_lifetime
+        if lifetime and time.monotonic() - self.connect_time > lifetime:
+            self.close_reason = "server lifetime over"
+            return True
+        if self.relay.shutting_down:
+            self.close_reason = "pooler is shutting down"
+            return True
+        return bool(self.close_reason)
+
+    def lost(self, reason: str) -> None:
+        """The server failed under us: close it, and tell its client with PgBouncer's text."""
+        client = self.client
+        self.close(reason)
+        if client is not None:
+            client.disconnect("server conn crashed?", Reject("server conn crashed?"))
+
+    def close(self, reason: str) -> None:
+        if self.state == SV_CLOSED:
+            return
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.server = None
+        if self.paused is not None:
+            self.paused.paused_by = None
+            self.paused.start_reading()
+            self.paused = None
+        if self.paused_by is not None:
+            self.paused_by.paused = None
+            self.paused_by = None
+        was = self.state
+        change_server_state(self, SV_CLOSED)
+        if self.stream is not None:
+            if was in (SV_IDLE, SV_CANCEL_WAIT) and self.out is None:
+                self.stream.try_send(protocol.TERMINATE)
+            self.stream.close()
+        route = self.pool.route
+        log.info("S-%d: %s/%s@%s closing because: %s (age=%ds)", self.id, route.dbname, route.server_user,
+                 self.addr, reason, time.monotonic() - self.connect_time)
+        self.relay.server_disconnected(self, reason)
+
+    # -- cancel -------------------------------------------------------------------------------
+
+    def forward_cancel(self) -> None:
+        """Send a CancelRequest for this server's backend on a new connection (in a greenlet).
+
+        The server is not handed to another client until the request is done (PgBouncer PR
+        #717), so a late cancel can never hit someone else's query.
+        """
+        if not self.key:
+            return
+        self.cancels += 1
+        gevent.spawn(self._cancel)
+
+    def _cancel(self) -> None:
+        try:
+            with Timeout(self.relay.config.cancel_wait_timeout or None):
+                sock = open_socket(self.addr, 0)
+                stream = Stream(sock)
+                try:
+                    stream.sendall(protocol.cancel_request(self.key))
+                    try:
+                        while stream.recv_some():
+                            pass
+                    except Exception:
+                        pass  # the server closes the cancel connection when done
+                finally:
+                    stream.close()
+        except (Timeout, OSError) as exc:
+            log.warning("S-%d: cancel request failed: %s", self.id, exc)
+        finally:
+            self.cancels -= 1
+            if self.cancels == 0 and self.state == SV_CANCEL_WAIT:
+                self.pool.give(self)
+
+
+def _replace(values: tuple, index: int, value: str) -> tuple:
+    if index >= len(values):
+        return values
+    return values[:index] + (value,) + values[index + 1:]

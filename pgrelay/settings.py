@@ -1,0 +1,281 @@
+"""Settings as declared data: each has a name, type, default, reloadability and one line of doc.
+
+The README reference, `pgrelay --help` and config validation are all derived from these
+declarations. Plugins add their own through the `pgrelay_add_settings` hook.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingType:
+    """How a setting's text is parsed; `name` is shown in docs."""
+
+    name = "str"
+
+    def parse(self, text: str) -> Any:
+        return text.strip()
+
+
+class Str(SettingType):
+    pass
+
+
+class Int(SettingType):
+    name = "int"
+
+    def __init__(self, minimum: int | None = 0, base: int = 10):
+        self.minimum = minimum
+        self.base = base
+        if base == 8:
+            self.name = "octal"
+
+    def parse(self, text: str) -> int:
+        text = text.strip()
+        try:
+            value = int(text, self.base)
+        except ValueError:
+            raise ValueError(f"invalid integer {text!r}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{value} is below the minimum {self.minimum}")
+        return value
+
+
+class Bool(SettingType):
+    name = "bool"
+    TRUE = {"1", "yes", "on", "true"}
+    FALSE = {"0", "no", "off", "false"}
+
+    def parse(self, text: str) -> bool:
+        word = text.strip().lower()
+        if word in self.TRUE:
+            return True
+        if word in self.FALSE:
+            return False
+        raise ValueError(f"invalid boolean {text!r} (use 0/1, yes/no, on/off, true/false)")
+
+
+class Seconds(SettingType):
+    """Seconds as a number, optionally with a unit: 500ms, 30s, 5min, 1h, 1d."""
+
+    name = "seconds"
+    UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+    def parse(self, text: str) -> float:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]*)\s*", text.lower())
+        if not match or match.group(2) not in self.UNITS:
+            raise ValueError(f"invalid duration {text!r}")
+        return float(match.group(1)) * self.UNITS[match.group(2)]
+
+
+class Enum(SettingType):
+    def __init__(self, *choices: str):
+        self.choices = choices
+        self.name = "|".join(choices)
+
+    def parse(self, text: str) -> str:
+        word = text.strip().lower()
+        if word not in self.choices:
+            raise ValueError(f"invalid value {text!r}: expected one of {', '.join(self.choices)}")
+        return word
+
+
+class List(SettingType):
+    """Comma-separated words, parsed into a tuple; empty text is an empty tuple."""
+
+    name = "list"
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
+STR, BOOL, SECONDS, LIST = Str(), Bool(), Seconds(), List()
+INT = Int()
+POOL_MODE = Enum("session", "transaction", "statement")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting. `planned` marks a PgBouncer key pgrelay accepts but ignores, with a warning."""
+
+    name: str
+    type: SettingType
+    default: str
+    reload: bool
+    doc: str
+    planned: bool = False
+    section: str = "pgbouncer"
+
+    def parse(self, text: str) -> Any:
+        return self.type.parse(text)
+
+    @property
+    def default_value(self) -> Any:
+        return self.type.parse(self.default)
+
+
+@dataclass
+class SettingsRegistry:
+    """The settings and config sections one relay knows; plugins add theirs in pgrelay_add_settings."""
+
+    settings: dict[str, Setting] = field(default_factory=dict)
+    sections: dict[str, str] = field(default_factory=dict)
+    section_keys: dict[str, dict[str, Setting]] = field(default_factory=dict)
+
+    def add(self, setting: Setting) -> None:
+        if setting.section == "pgbouncer":
+            if setting.name in self.settings and not self.settings[setting.name].planned:
+                raise ValueError(f"setting {setting.name!r} is declared twice")
+            self.settings[setting.name] = setting
+        else:
+            self.section_keys.setdefault(setting.section, {})[setting.name] = setting
+
+    def add_section(self, name: str, doc: str) -> None:
+        """Claim an INI section such as [databases]; its lines reach plugins unparsed."""
+        self.sections[name] = doc
+
+    def __iter__(self):
+        return iter(self.settings.values())
+
+
+def S(name: str, type_: SettingType, default: str, reload: bool, doc: str, **kw) -> Setting:
+    return Setting(name, type_, default, reload, doc, **kw)
+
+
+def planned(name: str, type_: SettingType, default: str, doc: str, reload: bool = True) -> Setting:
+    return Setting(name, type_, default, reload, doc, planned=True)
+
+
+# The core's settings: what this build implements, PgBouncer names and defaults.
+CORE_SETTINGS: list[Setting] = [
+    # Process and logging
+    S("logfile", STR, "", True, "Also write the log to this file (stderr always gets it)."),
+    S("pidfile", STR, "", False, "Write the process id to this file; removed on exit."),
+    S("verbose", INT, "0", True, "Log verbosity: 0 normal, 1 debug, 2 protocol-level detail."),
+    S("log_connections", BOOL, "1", True, "Log successful logins."),
+    S("log_disconnections", BOOL, "1", True, "Log disconnections, with their reason."),
+    S("log_pooler_errors", BOOL, "1", True, "Log the error messages pgrelay sends to clients."),
+    S("log_stats", BOOL, "1", True, "Log aggregated statistics every stats_period."),
+    S("stats_period", INT, "60", True, "Seconds between statistics log lines and stats hook calls."),
+    # Listening
+    S("listen_addr", LIST, "localhost", False,
+      "TCP addresses to listen on, comma-separated; * means all. Empty: Unix socket only."),
+    S("listen_port", Int(1), "6432", False, "TCP port, also used in the Unix socket name."),
+    S("listen_backlog", Int(1), "128", False, "Backlog argument for listen()."),
+    S("unix_socket_dir", STR, "/tmp", False, "Directory of the Unix socket .s.PGSQL.<port>; empty disables it."),
+    S("unix_socket_mode", Int(0, base=8), "0777", False, "File mode of the Unix socket."),
+    S("max_client_conn", Int(1), "100", True, "Most client connections accepted; more get an error after their StartupMessage."),
+    S("client_login_timeout", SECONDS, "60", True, "Disconnect a client that has not logged in within this time; 0 disables."),
+    # Pooling
+    S("pool_mode", POOL_MODE, "session", True,
+      "When a server is released: session (client disconnect), transaction (end of transaction), statement (end of statement)."),
+    S("default_pool_size", INT, "20", True, "Server connections per (database, user) pool; 0 means unlimited."),
+    S("min_pool_size", INT, "0", True, "Keep at least this many server connections open per pool."),
+    S("server_reset_query", STR, "DISCARD ALL", True, "Query run on a server released in session mode; empty disables."),
+    S("server_reset_query_always", BOOL, "0", True, "Run server_reset_query in every pooling mode."),
+    S("server_lifetime", SECONDS, "3600", True, "Close a server connection older than this when it is released; 0 disables."),
+    S("server_idle_timeout", SECONDS, "600", True, "Close a server connection idle longer than this; 0 disables."),
+    S("server_connect_timeout", SECONDS, "15", True, "Give up on a server connect plus login after this long."),
+    S("server_login_retry", SECONDS, "15", True, "After a failed server login, wait this long before retrying; clients get the cached error."),
+    S("query_wait_timeout", SECONDS, "120", True, "Disconnect a client that waited this long for a server; 0 disables."),
+    S("client_idle_timeout", SECONDS, "0", True, "Close a client connection idle (no server) longer than this; 0 disables."),
+    S("idle_transaction_timeout", SECONDS, "0", True, "Disconnect a client idle in a transaction longer than this; 0 disables."),
+    S("cancel_wait_timeout", SECONDS, "10", True, "Give up forwarding a cancel request after this long."),
+    S("max_packet_size", Int(4), "2147483647", True, "Largest message a client may send; longer ones are a protocol violation."),
+    # Startup parameters
+    S("ignore_startup_parameters", LIST, "", True, "Startup parameters accepted and dropped instead of refused."),
+    S("track_extra_parameters", LIST, "IntervalStyle", False,
+      "Server-reported parameters tracked per client and re-applied, beyond the built-in five."),
+    S("application_name_add_host", BOOL, "0", True, "Append ' - host:port' of the client to its application_name."),
+    # Authentication (client side)
+    S("auth_type", Enum("scram-sha-256", "md5", "plain", "trust", "hba", "cert", "any"), "scram-sha-256", True,
+      "How clients authenticate; see the authentication section."),
+    S("auth_file", STR, "", True, "userlist.txt-style file of user names and passwords or secrets."),
+    # Plugins
+    S("plugins", LIST, "", False, "Extra plugin modules or .py files to load after the installed ones."),
+    S("disable_plugins", LIST, "", False, "Plugin names (as --list-plugins shows them) not to load."),
+]
+
+# PgBouncer keys accepted with a warning until pgrelay implements them.
+PLANNED_SETTINGS: list[Setting] = [
+    planned("unix_socket_group", STR, "", "Group of the Unix socket.", reload=False),
+    planned("user", STR, "", "Unix user to switch to after startup.", reload=False),
+    planned("reserve_pool_size", INT, "0", "Extra server connections a pool may use when clients wait long."),
+    planned("reserve_pool_timeout", SECONDS, "5", "Wait after which the reserve pool is used."),
+    planned("max_db_connections", INT, "0", "Most server connections per database across users."),
+    planned("max_db_client_connections", INT, "0", "Most client connections per database."),
+    planned("max_user_connections", INT, "0", "Most server connections per user across databases."),
+    planned("max_user_client_connections", INT, "0", "Most client connections per user."),
+    planned("server_round_robin", BOOL, "0", "Reuse servers round robin instead of LIFO."),
+    planned("peer_id", INT, "0", "Id of this process among peers."),
+    planned("disable_pqexec", BOOL, "0", "Refuse the simple query protocol.", reload=False),
+    planned("conffile", STR, "", "Shows the config file in use."),
+    planned("service_name", STR, "pgbouncer", "Windows service name.", reload=False),
+    planned("job_name", STR, "pgbouncer", "Alias of service_name.", reload=False),
+    planned("max_prepared_statements", INT, "200", "Protocol-level prepared statements tracked per server in transaction mode."),
+    planned("scram_iterations", INT, "4096", "Iterations when computing SCRAM secrets."),
+    planned("auth_hba_file", STR, "", "pg_hba.conf-style file for auth_type=hba."),
+    planned("auth_ident_file", STR, "", "Ident map file."),
+    planned("auth_user", STR, "", "User that runs auth_query."),
+    planned("auth_query", STR, "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+            "FROM pg_authid WHERE rolname=$1 AND rolcanlogin", "Query that looks up a user's secret."),
+    planned("auth_dbname", STR, "", "Database auth_query runs in."),
+    planned("auth_ldap_options", STR, "", "LDAP options."),
+    planned("syslog", BOOL, "0", "Log to syslog."),
+    planned("syslog_ident", STR, "pgbouncer", "Program name in syslog."),
+    planned("syslog_facility", STR, "daemon", "Syslog facility."),
+    planned("admin_users", LIST, "", "Users allowed on the admin console."),
+    planned("stats_users", LIST, "", "Users allowed read-only SHOW commands on the admin console."),
+    planned("server_check_delay", SECONDS, "30", "Idle time after which a server is checked before reuse."),
+    planned("server_check_query", STR, "", "Query that checks a server before reuse."),
+    planned("server_fast_close", BOOL, "0", "Close session-mode servers quickly on RECONNECT."),
+    planned("autodb_idle_timeout", SECONDS, "3600", "Free unused pools of the * database after this."),
+    planned("pool_idle_timeout", SECONDS, "0", "Free a pool unused for this long."),
+    planned("dns_max_ttl", SECONDS, "15", "DNS cache time."),
+    planned("dns_nxdomain_ttl", SECONDS, "15", "DNS negative cache time."),
+    planned("dns_zone_check_period", SECONDS, "0", "DNS zone serial check period."),
+    planned("resolv_conf", STR, "", "Custom resolv.conf.", reload=False),
+    planned("query_wait_notify", SECONDS, "5", "Notice a queued client after this wait."),
+    planned("login_notify_message", STR, "", "Notice sent to clients at login."),
+    planned("client_tls_sslmode", STR, "disable", "TLS mode towards clients."),
+    planned("client_tls_key_file", STR, "", "TLS private key for clients."),
+    planned("client_tls_cert_file", STR, "", "TLS certificate for clients."),
+    planned("client_tls_ca_file", STR, "", "CA that signs client certificates."),
+    planned("client_tls_protocols", STR, "secure", "TLS versions towards clients."),
+    planned("client_tls_ciphers", STR, "default", "TLS ciphers towards clients."),
+    planned("client_tls13_ciphers", STR, "", "TLS 1.3 suites towards clients."),
+    planned("client_tls_ecdhcurve", STR, "auto", "ECDH curve towards clients."),
+    planned("client_tls_dheparams", STR, "auto", "DHE parameters towards clients."),
+    planned("server_tls_sslmode", STR, "prefer", "TLS mode towards servers."),
+    planned("server_tls_ca_file", STR, "", "CA that signs server certificates."),
+    planned("server_tls_key_file", STR, "", "TLS private key towards servers."),
+    planned("server_tls_cert_file", STR, "", "TLS certificate towards servers."),
+    planned("server_tls_protocols", STR, "secure", "TLS versions towards servers."),
+    planned("server_tls_ciphers", STR, "default", "TLS ciphers towards servers."),
+    planned("server_tls13_ciphers", STR, "", "TLS 1.3 suites towards servers."),
+    planned("query_timeout", SECONDS, "0", "Disconnect queries running longer than this."),
+    planned("transaction_timeout", SECONDS, "0", "Disconnect transactions open longer than this."),
+    planned("pkt_buf", INT, "4096", "Internal buffer size (pgrelay sizes its buffers itself).", reload=False),
+    planned("sbuf_loopcnt", INT, "5", "Fairness loop count (pgrelay does not need it)."),
+    planned("so_reuseport", BOOL, "0", "SO_REUSEPORT on the listening sockets.", reload=False),
+    planned("tcp_defer_accept", BOOL, "1", "TCP_DEFER_ACCEPT on the listening sockets."),
+    planned("tcp_socket_buffer", INT, "0", "Socket buffer size."),
+    planned("tcp_keepalive", BOOL, "1", "TCP keepalive on sockets."),
+    planned("tcp_keepcnt", INT, "0", "TCP keepalive probe count."),
+    planned("tcp_keepidle", INT, "0", "TCP keepalive idle time."),
+    planned("tcp_keepintvl", INT, "0", "TCP keepalive probe interval."),
+    planned("tcp_user_timeout", INT, "0", "TCP_USER_TIMEOUT in milliseconds."),
+]
+
+
+def core_registry() -> SettingsRegistry:
+    registry = SettingsRegistry()
+    for setting in PLANNED_SETTINGS + CORE_SETTINGS:
+        registry.add(setting)
+    registry.add_section("pgbouncer", "pgrelay's own settings (also accepted as [pgrelay]).")
+    return registry
+
+
