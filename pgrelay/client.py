@@ -11,7 +11,7 @@ from gevent import Timeout
 
 from . import protocol
 from .errors import ClientGone, LoginTimeout, PgRelayError, ProtocolViolation, Reject, RejectError
-from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CLIENT_STATE_NAMES, SV_ACTIVE, SV_SYNC,
+from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_SYNC,
                    change_client_state, link)
 from .routing import Login, Route
 from .stream import RECV_SIZE, Stream
@@ -31,7 +31,7 @@ _VALID = protocol.VALID_FRONTEND
 _Q, _S, _F, _X = 81, 83, 70, 88
 # PostgreSQL refuses any message above 1 GiB, so no longer one can be valid.
 PG_MAX_MESSAGE = 0x40000000
-BUILTIN_TRACKED_STARTUP = {"user", "database", "options"}
+MAX_PENDING = 1 << 20  # bytes a queued client may send before pgrelay stops reading it
 
 
 class ClientConnection:
@@ -230,7 +230,13 @@ class ClientConnection:
         if not data:
             self.disconnect("client unexpected eof")
             return
-        self._handle_safely(data)
+        try:
+            self._handle(data)
+        except ProtocolViolation as exc:
+            self.disconnect(str(exc), self.relay.translate_error(exc, "relay", self))
+        except Exception as exc:
+            log.exception("%s internal error while relaying", self.label)
+            self.disconnect("internal error", self.relay.translate_error(exc, "relay", self))
 
     def _handle_safely(self, data: bytes) -> None:
         try:
@@ -256,6 +262,12 @@ class ClientConnection:
         server = self.server
         if server is None:
             pool = self.pool
+            if self.state == CL_WAITING:  # more bytes while queued: keep them in order
+                self.pending += data
+                self.pending_queries += queries
+                if len(self.pending) > MAX_PENDING:
+                    self.stop_reading()
+                return
             idle = pool.idle
             if idle and not pool.waiting:
                 server = idle[-1]
@@ -264,9 +276,9 @@ class ClientConnection:
                     return
                 link(self, server)
             else:
+                # Reading stays on while queued (no watcher churn); MAX_PENDING bounds the buffer.
                 self.pending = data
                 self.pending_queries = queries
-                self.stop_reading()
                 pool.enqueue(self)
                 return
         elif server.state == SV_SYNC:
@@ -344,7 +356,7 @@ class ClientConnection:
 
     def deliver(self, server: "ServerConnection", data: bytes, queries: int) -> None:
         """Link `server`, apply tracked parameters if they differ, then send `data`."""
-        sql = self.relay.set_params_sql(self.pvals, server.pvals)
+        sql = None if server.pvals == self.pvals else self.relay.set_params_sql(self.pvals, server.pvals)
         if sql:
             link(self, server, SV_SYNC)
             server.begin_sync(self, sql, data, queries)
@@ -387,9 +399,10 @@ class ClientConnection:
             source.start_reading()
 
     def start_reading(self) -> None:
-        if self.state in (CL_IDLE, CL_ACTIVE) and self.paused_by is None \
+        rw = self.stream.rw
+        if not rw.active and self.state in (CL_IDLE, CL_ACTIVE) and self.paused_by is None \
                 and (self.server is None or self.server.state != SV_SYNC):
-            self.stream.rw.start(self._on_readable)
+            rw.start(self._on_readable)
 
     def stop_reading(self) -> None:
         self.stream.rw.stop()

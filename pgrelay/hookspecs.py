@@ -6,9 +6,9 @@ Conventions
 * "First result" hooks stop at the first implementation that returns something other than None.
   None always means "no opinion: ask the next plugin". Built-in defaults are registered first
   and marked ``trylast``, so third-party plugins are asked before them.
-* Decisions are values: a hook refuses a client by returning a :class:`~pgrelay.errors.Reject`.
+* Decisions are values: a hook refuses a client by returning a ``Reject``.
   Raising is a fault; the core logs it and the client gets the translated error.
-* Each hook has exactly one call site, a method of :class:`pgrelay.relay.Relay` named after it.
+* Each hook has exactly one call site, a method of ``Relay`` named after it.
 * No hook is called per message or per query: the relay loop never calls plugins.
 * Hooks run in a greenlet and may block on gevent-friendly I/O, except where a docstring says
   "event loop": those run inside libev callbacks and must return quickly without blocking.
@@ -37,7 +37,7 @@ hookspec = pluggy.HookspecMarker("pgrelay")
 def pgrelay_add_settings(settings: "SettingsRegistry") -> None:
     """Declare a plugin's settings and claim its INI sections.
 
-    :param settings: add :class:`~pgrelay.settings.Setting` objects with ``settings.add()`` and
+    :param settings: add ``Setting`` objects with ``settings.add()`` and
         claim sections such as ``[databases]`` with ``settings.add_section(name, doc)``.
 
     Called from: ``Relay.__init__`` (via ``Relay.add_settings``), once, before the configuration
@@ -51,7 +51,7 @@ def pgrelay_configure(relay: "Relay") -> None:
 
     :param relay: ``relay.config`` holds setting values and the raw lines of claimed sections.
 
-    Raise :class:`~pgrelay.errors.ConfigError` (naming file and line) to refuse the configuration:
+    Raise ``ConfigError`` (naming file and line) to refuse the configuration:
     at startup pgrelay exits; on reload the old configuration stays in force.
 
     Called from: ``Relay.configure``, at startup and again on each successful reload.
@@ -122,7 +122,7 @@ def pgrelay_check_password(relay: "Relay", login: "Login", password: str) -> "bo
 def pgrelay_find_database(relay: "Relay", name: str) -> "Database | None":
     """Resolve a client-side database name to its definition.
 
-    :returns: a :class:`~pgrelay.routing.Database`, or None if unknown to this plugin. The built-in
+    :returns: a ``Database``, or None if unknown to this plugin. The built-in
         default reads ``[databases]``, including the ``*`` fallback entry.
 
     Called from: ``Relay.find_database``, used by routing plugins.
@@ -133,7 +133,7 @@ def pgrelay_find_database(relay: "Relay", name: str) -> "Database | None":
 def pgrelay_route_client(relay: "Relay", login: "Login") -> "Route | Reject | None":
     """Decide which pool serves this client and how its servers log in.
 
-    :returns: a :class:`~pgrelay.routing.Route`, a Reject (e.g. ``no such database: x``), or None
+    :returns: a ``Route``, a Reject (e.g. ``no such database: x``), or None
         to let the next plugin decide. The built-in default is the local pooler: one pool per
         (database, user) to the database's host, in the configured pool mode.
 

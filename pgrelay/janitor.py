@@ -55,8 +55,12 @@ class Janitor:
                 if config.server_idle_timeout and now - server.idle_since > config.server_idle_timeout \
                         and len(pool.servers) > pool.route.min_pool_size:
                     server.close("server idle timeout")
-                elif config.server_lifetime and now - server.connect_time > config.server_lifetime:
-                    server.close("server lifetime over")
+            if config.server_lifetime:
+                for server in list(pool.servers):
+                    if now - server.connect_time > config.server_lifetime and not server.close_reason:
+                        server.close_reason = "server lifetime over"  # busy ones close when released
+                        if server in pool.idle:
+                            server.close(server.close_reason)
             pool.launch_if_needed()
         if config.stats_period and now - self.last_stats >= config.stats_period:
             elapsed = now - self.last_stats

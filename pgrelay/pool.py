@@ -67,11 +67,14 @@ class Pool:
         self.configure(route)
 
     def configure(self, route: Route) -> None:
-        """Apply a (possibly reloaded) route; existing servers keep running."""
+        """Apply a (possibly reloaded) route and settings; existing servers keep running."""
         self.route = route
         self.mode = MODE_CODES[route.pool_mode]
         self.reuse = route.reuse
         self.size = route.pool_size
+        config = self.relay.config
+        self.reset_query = config.server_reset_query if (
+            self.mode == MODE_SESSION or config.server_reset_query_always) else ""
 
     # -- getting a server ------------------------------------------------------------
 
@@ -81,7 +84,8 @@ class Pool:
         if self.login_error is not None and time.monotonic() < self.login_error_until:
             client.disconnect("server login failing", self.cached_login_error())
             return
-        self.launch_if_needed()
+        if self.size == 0 or len(self.servers) < self.size:
+            self.launch_if_needed()
 
     def launch_if_needed(self) -> None:
         """Open servers while clients wait (or min_pool_size is unmet) and size allows."""
@@ -156,9 +160,6 @@ class Pool:
                 continue
             client.take_server(server)
             return
-        if server.must_close():
-            server.close(server.close_reason)
-            return
         change_server_state(server, SV_IDLE)
 
     def release(self, server: "ServerConnection") -> None:
@@ -166,11 +167,10 @@ class Pool:
         client = server.client
         if client is not None:
             unlink(client, server)
-        if not self.reuse or server.must_close():
+        if server.close_reason or not self.reuse:
             server.close(server.close_reason or "released direct connection")
-        elif (self.mode == MODE_SESSION or self.relay.config.server_reset_query_always) \
-                and self.relay.config.server_reset_query:
-            server.reset()
+        elif self.reset_query:
+            server.reset(self.reset_query)
         elif server.cancels:
             change_server_state(server, SV_CANCEL_WAIT)
         else:

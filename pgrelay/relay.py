@@ -118,6 +118,8 @@ class Relay:
             self.configure()
             return False
         self._apply_config()
+        for pool in self.pools.values():
+            pool.configure(pool.route)
         logs.setup(self.config)
         for warning in new.warnings:
             log.warning("%s", warning)
@@ -131,6 +133,11 @@ class Relay:
         log.info("shutdown requested (%s)", mode)
         self.shutting_down = True
         self.listeners.stop()
+        for pool in self.pools.values():
+            for server in list(pool.servers):
+                server.close_reason = "pooler is shutting down"
+                if server in pool.idle:
+                    server.close(server.close_reason)
         self.hook.pgrelay_shutdown(relay=self, mode=mode)
         if mode == "wait_for_servers":
             while any(s.state == SV_ACTIVE for p in self.pools.values() for s in p.servers) \

@@ -376,12 +376,12 @@ class ServerConnection:
         client.stop_reading()
         self.write(protocol.query(sql))
 
-    def reset(self) -> None:
+    def reset(self, sql: str) -> None:
         """Run server_reset_query before the server goes back to the pool."""
         change_server_state(self, SV_RESET)
         self.swallow = bytearray()
         self.sync_error = None
-        self.write(protocol.query(self.relay.config.server_reset_query))
+        self.write(protocol.query(sql))
 
     def _swallow(self, data: bytes) -> None:
         """Read replies to pgrelay's own query whole; the client never sees them."""
@@ -492,16 +492,6 @@ class ServerConnection:
         """Nothing outstanding: a client may leave and the server be reused."""
         return (self.state == SV_ACTIVE and self.expect == 0 and self.txstatus == _I and self.out is None
                 and not self.carry and self.skip == 0)
-
-    def must_close(self) -> bool:
-        lifetime = self.relay.config.server_lifetime
-        if lifetime and time.monotonic() - self.connect_time > lifetime:
-            self.close_reason = "server lifetime over"
-            return True
-        if self.relay.shutting_down:
-            self.close_reason = "pooler is shutting down"
-            return True
-        return bool(self.close_reason)
 
     def lost(self, reason: str) -> None:
         """The server failed under us: close it, and tell its client with PgBouncer's text."""

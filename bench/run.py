@@ -1,0 +1,597 @@
+"""Benchmark pgrelay against PgBouncer and direct PostgreSQL: pgbench tps/latency, pooler CPU, idle-client memory."""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from pgrelay.tempdb import TempPostgres, free_port
+
+PG_SETTINGS = {"max_connections": "600"}
+PGBENCH_SCALE = 10
+POOL_SIZE = 20              # default_pool_size of the transaction-mode poolers
+SESSION_POOL_SIZE = 500     # default_pool_size of the session-mode poolers (prepared mode)
+MAX_CLIENT_CONN = 6000
+ROUNDS = 2
+WARMUP_CLIENTS = 100
+LOGIN_THREADS = 50
+USER = DATABASE = "postgres"
+HOW_TO_GET_PGBOUNCER = "pgbouncer not found: install it with `apt-get install pgbouncer`"
+
+# The targets from the issue.
+TARGET_TPS_RATIO = 0.8        # pgrelay tps >= 0.8 x PgBouncer's, 50 clients, transaction mode
+TARGET_CPU_RATIO = 1.5        # pgrelay CPU per transaction <= 1.5 x PgBouncer's, same cells
+TARGET_IDLE_BYTES = 10 * 1024  # pgrelay RSS per idle client <= 10 KB
+TARGET_CLIENTS = 50
+TARGET_MODES = ("simple", "extended")
+
+TARGETS = ("direct", "pgbouncer", "pgrelay")
+LABELS = {"direct": "direct", "pgbouncer": "PgBouncer", "pgrelay": "pgrelay"}
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, help="seconds per pgbench run (default 10; 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="3 s runs and 1000 idle clients")
+    parser.add_argument("--clients", default="1,50,500", help="pgbench client counts (default 1,50,500)")
+    parser.add_argument("--modes", default="simple,extended,prepared",
+                        help="pgbench query modes (default simple,extended,prepared)")
+    parser.add_argument("--idle-clients", type=int, help="idle clients per pooler for the memory test "
+                                                          "(default 5000; 1000 with --quick)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = 3 if args.quick else 10
+    if args.idle_clients is None:
+        args.idle_clients = 1000 if args.quick else 5000
+    args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in args.modes:
+        if mode not in ("simple", "extended", "prepared"):
+            parser.error(f"unknown query mode {mode!r}")
+    if max(args.clients) + 2 * POOL_SIZE + 10 > int(PG_SETTINGS["max_connections"]):
+        parser.error(f"at most {int(PG_SETTINGS['max_connections']) - 2 * POOL_SIZE - 10} clients")
+    return args
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# -- poolers -------------------------------------------------------------------------------------
+
+def pooler_ini(port: int, pg_port: int, pool_mode: str, pool_size: int, auth_file: str, pidfile: str) -> str:
+    """The one pgbouncer.ini both poolers run from."""
+    settings = {
+        "listen_addr": "127.0.0.1",
+        "listen_port": port,
+        "unix_socket_dir": "",
+        "auth_type": "trust",
+        "auth_file": auth_file,
+        "pool_mode": pool_mode,
+        "default_pool_size": pool_size,
+        "max_client_conn": MAX_CLIENT_CONN,
+        "log_connections": 0,
+        "log_disconnections": 0,
+        "pidfile": pidfile,
+    }
+    lines = ["[databases]", f"* = host=127.0.0.1 port={pg_port}", "", "[pgbouncer]"]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Pooler:
+    """One PgBouncer or pgrelay process, run from a generated ini in `workdir`."""
+
+    kind: str                   # "pgbouncer" or "pgrelay"
+    pool_mode: str
+    pool_size: int
+    workdir: str
+    pg_port: int
+    pgbouncer_bin: str
+    owner: tuple[int, int] | None  # (uid, gid) PgBouncer runs as when we are root
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    _log: object = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.pool_mode}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def path(self, suffix: str) -> str:
+        return os.path.join(self.workdir, f"{self.name}.{suffix}")
+
+    def command(self, ini: str) -> tuple[list[str], dict]:
+        if self.kind == "pgbouncer":
+            extra = {"user": self.owner[0], "group": self.owner[1], "extra_groups": []} if self.owner else {}
+            return [self.pgbouncer_bin, ini], extra
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PGRELAY_")}
+        return [sys.executable, "-m", "pgrelay", ini], {"env": env}
+
+    def start(self) -> "Pooler":
+        self.port = free_port()
+        ini = self.path("ini")
+        with open(ini, "w") as f:
+            f.write(pooler_ini(self.port, self.pg_port, self.pool_mode, self.pool_size,
+                               os.path.join(self.workdir, "userlist.txt"), self.path("pid")))
+        if self.owner:
+            os.chown(ini, *self.owner)
+        cmd, extra = self.command(ini)
+        self._log = open(self.path("log"), "ab")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=self.workdir, start_new_session=True, **extra)
+        self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not listen on port {self.port} within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # PgBouncer 1.18: SIGTERM is the immediate shutdown; pgrelay: SIGQUIT.
+            self.proc.send_signal(signal.SIGTERM if self.kind == "pgbouncer" else signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError), open(self.path("log"), errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+        return ""
+
+
+@contextlib.contextmanager
+def running(pooler: Pooler):
+    try:
+        yield pooler.start()
+    finally:
+        pooler.stop()
+
+
+def find_pgbouncer() -> str:
+    path = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+    if not path:
+        raise SystemExit(HOW_TO_GET_PGBOUNCER)
+    return path
+
+
+def make_workdir(owner: tuple[int, int] | None, stack: contextlib.ExitStack) -> str:
+    """A directory for the poolers' ini, log and pid files, writable by the user PgBouncer runs as."""
+    workdir = tempfile.mkdtemp(prefix="pgrelay-bench-")
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    os.chmod(workdir, 0o755)
+    auth_file = os.path.join(workdir, "userlist.txt")
+    with open(auth_file, "w") as f:
+        f.write(f'"{USER}" ""\n')
+    if owner:
+        os.chown(workdir, *owner)
+        os.chown(auth_file, *owner)
+    return workdir
+
+
+# -- PostgreSQL and pgbench -----------------------------------------------------------------------
+
+def pgbench_path(pg: TempPostgres) -> str:
+    local = os.path.join(pg.bindir, "pgbench")
+    return local if os.path.exists(local) else (shutil.which("pgbench") or "pgbench")
+
+
+def init_pgbench(pg: TempPostgres, pgbench: str) -> None:
+    result = subprocess.run([pgbench, "-i", "-q", "-s", str(PGBENCH_SCALE), "-h", "127.0.0.1", "-p", str(pg.port),
+                             "-U", USER, DATABASE], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench -i failed:\n{result.stderr}")
+
+
+def client_backends(pg: TempPostgres) -> int:
+    return int(pg.psql("SELECT count(*) FROM pg_stat_activity "
+                       "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"))
+
+
+def wait_for_servers_to_leave(pg: TempPostgres, at_most: int, timeout: float = 30) -> None:
+    """Wait until PostgreSQL has room: earlier runs' server connections may still be exiting."""
+    deadline = time.monotonic() + timeout
+    while client_backends(pg) > at_most:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"PostgreSQL still has more than {at_most} client backends after {timeout}s")
+        time.sleep(0.2)
+
+
+@dataclass
+class Run:
+    """One pgbench run against one target."""
+
+    tps: float | None = None
+    latency_ms: float | None = None
+    transactions: int = 0
+    cpu_seconds: float | None = None   # the pooler's CPU during the run; None for direct
+    error: str | None = None
+
+    @property
+    def cpu_per_10k(self) -> float | None:
+        if self.cpu_seconds is None or not self.transactions:
+            return None
+        return self.cpu_seconds * 10_000 / self.transactions
+
+
+def parse_pgbench(output: str) -> Run:
+    tps = re.search(r"^tps = ([0-9.]+)", output, re.M)
+    latency = re.search(r"^latency average = ([0-9.]+) ms", output, re.M)
+    transactions = re.search(r"^number of transactions actually processed: (\d+)", output, re.M)
+    if not (tps and latency and transactions):
+        return Run(error="could not parse pgbench output:\n" + output)
+    return Run(tps=float(tps.group(1)), latency_ms=float(latency.group(1)), transactions=int(transactions.group(1)))
+
+
+def run_pgbench(pgbench: str, port: int, mode: str, clients: int, duration: int,
+                pooler: Pooler | None) -> Run:
+    cmd = [pgbench, "-n", "-S", "-M", mode, "-c", str(clients), "-j", "2", "-T", str(duration),
+           "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE]
+    cpu_before = cpu_seconds(pooler.pid) if pooler else 0.0
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300)
+    cpu_after = cpu_seconds(pooler.pid) if pooler else 0.0
+    if result.returncode != 0:
+        log = f"\n{pooler.name} log:\n{pooler.log_tail(5)}" if pooler else ""
+        return Run(error=f"pgbench exited with {result.returncode}:\n{result.stderr.strip()[-2000:]}{log}")
+    run = parse_pgbench(result.stdout)
+    if pooler:
+        run.cpu_seconds = cpu_after - cpu_before
+    return run
+
+
+# -- the pgbench matrix ----------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """One (query mode, clients) cell: the best of ROUNDS runs of each target."""
+
+    mode: str
+    clients: int
+    pool_mode: str
+    best: dict[str, Run] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def keep(self, target: str, run: Run) -> None:
+        if run.error:
+            self.errors.append(f"{LABELS[target]}: {run.error}")
+        elif target not in self.best or run.tps > self.best[target].tps:
+            self.best[target] = run
+
+    def ratio(self, attr: str) -> float | None:
+        """pgrelay's value of `attr` over PgBouncer's."""
+        ours, theirs = self.best.get("pgrelay"), self.best.get("pgbouncer")
+        if not ours or not theirs:
+            return None
+        a, b = getattr(ours, attr), getattr(theirs, attr)
+        return a / b if a is not None and b else None
+
+
+class Bench:
+    """The benchmark's parts: PostgreSQL, the transaction-mode poolers, and how to reach each target."""
+
+    def __init__(self, pg: TempPostgres, pgbench: str, workdir: str, pgbouncer_bin: str):
+        self.pg = pg
+        self.pgbench = pgbench
+        self.workdir = workdir
+        self.pgbouncer_bin = pgbouncer_bin
+        self.transaction_poolers: dict[str, Pooler] = {}
+
+    def pooler(self, kind: str, pool_mode: str, pool_size: int) -> Pooler:
+        return Pooler(kind, pool_mode, pool_size, self.workdir, self.pg.port, self.pgbouncer_bin, self.pg.owner)
+
+    @contextlib.contextmanager
+    def target(self, name: str, pool_mode: str):
+        """(port, pooler or None) of a target. Session-mode poolers run fresh for each run: their
+        SESSION_POOL_SIZE idle servers would otherwise hold on to max_connections."""
+        if name == "direct":
+            yield self.pg.port, None
+        elif pool_mode == "transaction":
+            pooler = self.transaction_poolers[name]
+            yield pooler.port, pooler
+        else:
+            with running(self.pooler(name, "session", SESSION_POOL_SIZE)) as pooler:
+                yield pooler.port, pooler
+
+    def run_cell(self, mode: str, clients: int, duration: int) -> Cell:
+        cell = Cell(mode, clients, "session" if mode == "prepared" else "transaction")
+        for round_ in range(1, ROUNDS + 1):
+            for name in TARGETS:
+                wait_for_servers_to_leave(self.pg, 2 * POOL_SIZE + 5)
+                with self.target(name, cell.pool_mode) as (port, pooler):
+                    run = run_pgbench(self.pgbench, port, mode, clients, duration, pooler)
+                cell.keep(name, run)
+                progress(f"  {mode:<8} {clients:>4} clients, round {round_}/{ROUNDS}, {LABELS[name]:<9}: "
+                         + (f"{run.tps:9.0f} tps" if not run.error else "FAILED: " + run.error.splitlines()[0]))
+        return cell
+
+
+# -- idle clients ------------------------------------------------------------------------------------
+
+def startup_message(user: str, database: str) -> bytes:
+    body = struct.pack("!I", 196608) + b"".join(k + b"\0" + v.encode() + b"\0"
+                                                for k, v in ((b"user", user), (b"database", database))) + b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed during login")
+        data += chunk
+    return data
+
+
+def login(port: int) -> socket.socket:
+    """A client that logs in and then stays idle: read until ReadyForQuery."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        sock.sendall(startup_message(USER, DATABASE))
+        while True:
+            kind, length = struct.unpack("!cI", recv_exact(sock, 5))
+            body = recv_exact(sock, length - 4)
+            if kind == b"Z":
+                return sock
+            if kind == b"E":
+                raise ConnectionError("login refused: " + body.replace(b"\0", b" ").decode(errors="replace"))
+    except BaseException:
+        sock.close()
+        raise
+
+
+def open_clients(port: int, count: int) -> list[socket.socket]:
+    """`count` idle clients, logged in by LOGIN_THREADS threads at a time."""
+    pool = concurrent.futures.ThreadPoolExecutor(LOGIN_THREADS)
+    try:
+        futures = [pool.submit(login, port) for _ in range(count)]
+        concurrent.futures.wait(futures)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    clients = [f.result() for f in futures if f.exception() is None]
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    if failures:
+        close_clients(clients)
+        raise RuntimeError(f"{len(failures)} of {count} clients could not log in; first: {failures[0]}")
+    return clients
+
+
+def close_clients(clients: list[socket.socket]) -> None:
+    for sock in clients:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"X\0\0\0\4")
+        sock.close()
+
+
+@dataclass
+class IdleMemory:
+    pooler: str
+    clients: int
+    rss_before: int
+    rss_after: int
+
+    @property
+    def per_client(self) -> float:
+        return (self.rss_after - self.rss_before) / self.clients
+
+
+def idle_client_memory(pooler: Pooler, count: int) -> IdleMemory:
+    """RSS growth of a freshly started pooler when `count` idle clients log in, after a warm-up."""
+    warmup = open_clients(pooler.port, WARMUP_CLIENTS)
+    clients: list[socket.socket] = []
+    try:
+        time.sleep(1)
+        before = rss_bytes(pooler.pid)
+        clients = open_clients(pooler.port, count)
+        time.sleep(1)
+        after = rss_bytes(pooler.pid)
+    finally:
+        close_clients(warmup + clients)
+    return IdleMemory(pooler.kind, count, before, after)
+
+
+def measure_idle_memory(bench: Bench, count: int) -> dict[str, IdleMemory]:
+    results = {}
+    for kind in ("pgbouncer", "pgrelay"):
+        with running(bench.pooler(kind, "transaction", POOL_SIZE)) as pooler:
+            progress(f"  {LABELS[kind]}: {count} idle clients")
+            results[kind] = idle_client_memory(pooler, count)
+    return results
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+def fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
+
+
+def format_table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Columns padded to fit; the first `left` columns are text, the rest numbers."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def throughput_table(cells: list[Cell]) -> str:
+    headers = ["mode", "pool_mode", "clients",
+               "direct tps", "lat ms", "PgBouncer tps", "lat ms", "pgrelay tps", "lat ms", "pgrelay/PgB tps",
+               "PgB CPU s/10k tx", "pgrelay CPU s/10k tx", "CPU ratio"]
+    rows = []
+    for cell in cells:
+        row = [cell.mode, cell.pool_mode, str(cell.clients)]
+        for name in TARGETS:
+            run = cell.best.get(name)
+            row += [fmt(run.tps, ".0f"), fmt(run.latency_ms, ".3f")] if run else ["FAIL", "-"]
+        row.append(fmt(cell.ratio("tps"), ".2f"))
+        for name in ("pgbouncer", "pgrelay"):
+            run = cell.best.get(name)
+            row.append(fmt(run.cpu_per_10k if run else None, ".3f"))
+        row.append(fmt(cell.ratio("cpu_per_10k"), ".2f"))
+        rows.append(row)
+    return format_table(headers, rows, left=2)
+
+
+def memory_table(memory: dict[str, IdleMemory]) -> str:
+    headers = ["pooler", "idle clients", "RSS before MiB", "RSS after MiB", "bytes per idle client"]
+    rows = [[LABELS[kind], str(m.clients), f"{m.rss_before / 2**20:.1f}", f"{m.rss_after / 2**20:.1f}",
+             f"{m.per_client:.0f}"] for kind, m in memory.items()]
+    return format_table(headers, rows)
+
+
+def check_targets(cells: list[Cell], memory: dict[str, IdleMemory]) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for each of the issue's targets; met is None when not measured."""
+    checks = []
+    for mode in TARGET_MODES:
+        cell = next((c for c in cells if c.mode == mode and c.clients == TARGET_CLIENTS), None)
+        tps = cell.ratio("tps") if cell else None
+        cpu = cell.ratio("cpu_per_10k") if cell else None
+        checks.append((f"tps >= {TARGET_TPS_RATIO}x PgBouncer, {mode}, {TARGET_CLIENTS} clients, transaction mode",
+                       fmt(tps, ".2f", "x"), None if tps is None else tps >= TARGET_TPS_RATIO))
+        checks.append((f"CPU per transaction <= {TARGET_CPU_RATIO}x PgBouncer, {mode}, {TARGET_CLIENTS} clients",
+                       fmt(cpu, ".2f", "x"), None if cpu is None else cpu <= TARGET_CPU_RATIO))
+    idle = memory.get("pgrelay")
+    per_client = idle.per_client if idle else None
+    checks.append((f"RSS per idle client <= {TARGET_IDLE_BYTES // 1024} KB ({TARGET_IDLE_BYTES} bytes)",
+                   fmt(per_client, ".0f", " bytes"), None if per_client is None else per_client <= TARGET_IDLE_BYTES))
+    return checks
+
+
+def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory: dict[str, IdleMemory]) -> str:
+    checks = check_targets(cells, memory)
+    verdict = {True: "MET", False: "NOT MET", None: "not measured"}
+    lines = [
+        f"pgbench -n -S -M <mode> -c <clients> -j 2 -T {args.duration}; scale {PGBENCH_SCALE}; PostgreSQL {pg_version}; "
+        f"{os.cpu_count()} CPUs",
+        f"Poolers: transaction mode, default_pool_size={POOL_SIZE}, max_client_conn={MAX_CLIENT_CONN}, auth_type=trust, "
+        f"127.0.0.1, no Unix socket, no connection logging.",
+        f"prepared mode needs session pooling (named statements): it runs against a second PgBouncer and pgrelay in "
+        f"session mode with default_pool_size={SESSION_POOL_SIZE}, started fresh for each run, so clients are not starved.",
+        f"Each cell ran {ROUNDS} rounds, targets interleaved (direct, PgBouncer, pgrelay); the best tps of each target "
+        f"is kept (with its CPU) because the machine is shared and noisy.",
+        "CPU s/10k tx: the pooler process's utime+stime during the run per 10,000 transactions.",
+        "",
+        throughput_table(cells),
+        "",
+        f"Idle clients (fresh transaction-mode poolers, RSS growth after a warm-up of {WARMUP_CLIENTS} clients):",
+        memory_table(memory) if memory else "(not measured)",
+        "",
+        "Targets:",
+    ]
+    width = max(len(name) for name, _, _ in checks)
+    lines += [f"  {name.ljust(width)}  {measured:>12}  {verdict[met]}" for name, measured, met in checks]
+    errors = [f"  {c.mode} {c.clients} clients: {e}" for c in cells for e in c.errors]
+    if errors:
+        lines += ["", "Failed runs:"] + errors
+    return "\n".join(lines)
+
+
+def write_json(path: str, args: argparse.Namespace, cells: list[Cell], memory: dict[str, IdleMemory]) -> None:
+    data = {
+        "duration": args.duration, "rounds": ROUNDS, "scale": PGBENCH_SCALE, "pool_size": POOL_SIZE,
+        "session_pool_size": SESSION_POOL_SIZE,
+        "cells": [{"mode": c.mode, "clients": c.clients, "pool_mode": c.pool_mode, "errors": c.errors,
+                   "targets": {name: dict(asdict(run), cpu_per_10k=run.cpu_per_10k) for name, run in c.best.items()}}
+                  for c in cells],
+        "idle_clients": {kind: dict(asdict(m), per_client=m.per_client) for kind, m in memory.items()},
+        "targets": [{"target": name, "measured": measured, "met": met}
+                    for name, measured, met in check_targets(cells, memory)],
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def benchmark(args: argparse.Namespace, stack: contextlib.ExitStack) -> str:
+    pgbouncer_bin = find_pgbouncer()
+    progress("Starting PostgreSQL and loading pgbench data ...")
+    pg = TempPostgres(settings=PG_SETTINGS)
+    stack.callback(pg.cleanup)
+    pg.start()
+    pgbench = pgbench_path(pg)
+    init_pgbench(pg, pgbench)
+    bench = Bench(pg, pgbench, make_workdir(pg.owner, stack), pgbouncer_bin)
+    for kind in ("pgbouncer", "pgrelay"):
+        bench.transaction_poolers[kind] = stack.enter_context(running(bench.pooler(kind, "transaction", POOL_SIZE)))
+    progress(f"pgbench runs ({args.duration} s each):")
+    cells = [bench.run_cell(mode, clients, args.duration) for mode in args.modes for clients in args.clients]
+    for kind in ("pgbouncer", "pgrelay"):
+        bench.transaction_poolers.pop(kind).stop()
+    progress("Idle clients:")
+    memory = measure_idle_memory(bench, args.idle_clients)
+    if args.json:
+        write_json(args.json, args, cells, memory)
+    return report(args, pg.version, cells, memory)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    stack = contextlib.ExitStack()
+    atexit.register(stack.close)
+    try:
+        print(benchmark(args, stack), flush=True)
+    finally:
+        stack.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
