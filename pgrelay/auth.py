@@ -43,8 +43,31 @@ def _h(data: bytes) -> bytes:
 
 
 def saslprep(password: str) -> str:
-    """PostgreSQL applies SASLprep but falls back to the raw string; ASCII passwords are unchanged."""
-    return password
+    """SASLprep (RFC 4013) as PostgreSQL applies it: on any failure the password is used as is."""
+    if password.isascii():
+        return password
+    import stringprep
+    import unicodedata
+    mapped = []
+    for ch in password:
+        if stringprep.in_table_b1(ch):          # commonly mapped to nothing
+            continue
+        mapped.append(" " if stringprep.in_table_c12(ch) else ch)  # non-ASCII space -> space
+    text = unicodedata.normalize("NFKC", "".join(mapped))
+    if not text:
+        return password
+    prohibited = (stringprep.in_table_c12, stringprep.in_table_c21, stringprep.in_table_c22,
+                  stringprep.in_table_c3, stringprep.in_table_c4, stringprep.in_table_c5,
+                  stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+                  stringprep.in_table_c9, stringprep.in_table_a1)
+    if any(check(ch) for ch in text for check in prohibited):
+        return password
+    if any(stringprep.in_table_d1(ch) for ch in text):   # bidi rules (RFC 3454 section 6)
+        if any(stringprep.in_table_d2(ch) for ch in text):
+            return password
+        if not (stringprep.in_table_d1(text[0]) and stringprep.in_table_d1(text[-1])):
+            return password
+    return text
 
 
 @dataclass(frozen=True)
@@ -62,10 +85,13 @@ class ScramSecret:
         if not match:
             return None
         try:
-            return cls(int(match.group(1)), base64.b64decode(match.group(2)),
-                       base64.b64decode(match.group(3)), base64.b64decode(match.group(4)))
+            stored, server = base64.b64decode(match.group(3)), base64.b64decode(match.group(4))
+            secret = cls(int(match.group(1)), base64.b64decode(match.group(2)), stored, server)
         except ValueError:
             return None
+        if len(stored) != 32 or len(server) != 32 or secret.iterations < 1:
+            return None  # PostgreSQL treats such a string as a plain password, not a verifier
+        return secret
 
     @classmethod
     def from_password(cls, password: str, iterations: int = 4096, salt: bytes | None = None) -> "ScramSecret":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: pgrelay [CONFIG_FILE | -c CONFIG_FILE] [--SETTING VALUE ...]
+USAGE = """pgrelay [CONFIG_FILE | -c CONFIG_FILE] [--SETTING VALUE ...]
        pgrelay demo [--pool_mode MODE] [--listen_port PORT]
        pgrelay --list-plugins [CONFIG_FILE]
        pgrelay --help | --version
@@ -86,12 +86,18 @@ def main(argv: list[str] | None = None) -> int:
 def _help() -> int:
     from .config import build_parser
     from .plugins import make_plugin_manager
-    from .settings import core_registry
-    registry = core_registry()
-    make_plugin_manager().hook.pgrelay_add_settings(settings=registry)
+    from .relay import Relay
+    registry = Relay.declared_settings(make_plugin_manager())
     parser = build_parser(registry)
     parser.usage = USAGE
-    parser.epilog = ("Settings are read from the config file's [pgbouncer] (or [pgrelay]) section, then from\n"
+    sections = []
+    for section, keys in registry.section_keys.items():
+        sections.append(f"[{section}] keys ({registry.sections.get(section, '')}):")
+        for setting in keys.values():
+            default = f" (default: {setting.default})" if setting.default else ""
+            sections.append(f"  {setting.name:<22} {setting.doc}{default}")
+    parser.epilog = ("\n".join(sections) + "\n\n"
+                     "Settings are read from the config file's [pgbouncer] (or [pgrelay]) section, then from\n"
                      "PGRELAY_<NAME> environment variables, then from --<name> flags, each overriding the last.\n"
                      "Other flags: --list-plugins, --version, -h/--help. `pgrelay demo` runs a throwaway setup.")
     parser.print_help()

@@ -12,7 +12,7 @@ import sys
 
 from . import hookspecs
 from .plugins import make_plugin_manager
-from .settings import Setting, SettingsRegistry, core_registry
+from .settings import Setting, SettingsRegistry
 
 MARKERS = {
     "settings": (".. begin generated: settings", ".. end generated: settings"),
@@ -22,9 +22,8 @@ MARKERS = {
 
 
 def full_registry() -> SettingsRegistry:
-    registry = core_registry()
-    make_plugin_manager().hook.pgrelay_add_settings(settings=registry)
-    return registry
+    from .relay import Relay
+    return Relay.declared_settings(make_plugin_manager())
 
 
 def _entry(setting: Setting) -> list[str]:

@@ -40,8 +40,9 @@ def pgrelay_add_settings(settings: "SettingsRegistry") -> None:
     :param settings: add ``Setting`` objects with ``settings.add()`` and
         claim sections such as ``[databases]`` with ``settings.add_section(name, doc)``.
 
-    Called from: ``Relay.__init__`` (via ``Relay.add_settings``), once, before the configuration
-    is read, so that the file, ``PGRELAY_*`` variables, ``--flags`` and ``--help`` all know them.
+    Called from: ``Relay.declared_settings``, once per relay before its configuration is read (and
+    by ``pgrelay --help``), so that the file, ``PGRELAY_*`` variables, ``--flags`` and the help
+    all know them.
     """
 
 
@@ -52,7 +53,9 @@ def pgrelay_configure(relay: "Relay") -> None:
     :param relay: ``relay.config`` holds setting values and the raw lines of claimed sections.
 
     Raise ``ConfigError`` (naming file and line) to refuse the configuration:
-    at startup pgrelay exits; on reload the old configuration stays in force.
+    at startup pgrelay exits; on reload the old configuration stays in force. Keep all state in
+    ``relay.plugin_data[<plugin name>]`` and replace it in one assignment at the end, so a
+    refused reload leaves the previous state intact.
 
     Called from: ``Relay.configure``, at startup and again on each successful reload.
     """

@@ -30,14 +30,17 @@ def make_plugin_manager(extra: Sequence[str] = (), disabled: Sequence[str] = ())
     if missing:
         raise ConfigError(f"built-in plugins {', '.join(missing)} are not installed as entry points; "
                           "install pgrelay with pip (pip install -e . in a checkout)")
-    for name in BUILTIN_PLUGINS:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    for spec in extra:
-        if pm.is_blocked(spec):
-            continue
-        pm.register(_import_plugin(spec), name=spec)
-    pm.check_pending()
+    try:
+        for name in BUILTIN_PLUGINS:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for spec in extra:
+            if pm.is_blocked(spec):
+                continue
+            pm.register(_import_plugin(spec), name=spec)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"cannot load plugin: {exc}") from None
     return pm
 
 
@@ -63,6 +66,8 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]
     dists = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
     rows = []
     for name, plugin in reversed(list(pm.list_name_plugin())):
+        if plugin is None:  # blocked (disable_plugins)
+            continue
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or ())
         origin = dists.get(id(plugin), getattr(plugin, "__file__", None) or getattr(plugin, "__name__", "?"))
         rows.append((name, origin, hooks))

@@ -129,7 +129,7 @@ def parse_cstrings(body: bytes, start: int = 0) -> list[str]:
 
 def parse_startup_params(body: bytes) -> list[tuple[str, str]]:
     """Key/value pairs of a StartupMessage body (after the version); ValueError if malformed."""
-    if not body or body[-1] != 0:
+    if len(body) < 5 or body[-1] != 0:
         raise ValueError("startup packet is not terminated")
     items = parse_cstrings(body[4:-1])
     if len(items) % 2:

@@ -44,8 +44,7 @@ class Relay:
         bootstrap = load_config(core_registry(), config_path, self.args, self.env, lenient=True)
         self.pm = make_plugin_manager(extra=bootstrap.plugins, disabled=bootstrap.disable_plugins)
         self.hook = self.pm.hook
-        self.registry = core_registry()
-        self.add_settings(self.registry)
+        self.registry = self.declared_settings(self.pm)
         self.config: Config = load_config(self.registry, config_path, self.args, self.env)
         self.plugin_data: dict[str, Any] = {}  # per-relay state of plugins, keyed by plugin
         self.pools: dict[Any, Pool] = {}
@@ -108,14 +107,13 @@ class Relay:
         values = dict(new.values)
         for name in fixed:
             values[name] = self.config.values[name]
-        old = self.config
+        old, old_state = self.config, dict(self.plugin_data)
         self.config = Config(values=values, sections=new.sections, path=new.path, warnings=new.warnings)
         try:
             self.configure()
         except ConfigError as exc:
             log.error("config reload failed, keeping the old configuration: %s", exc)
-            self.config = old
-            self.configure()
+            self.config, self.plugin_data = old, old_state
             return False
         self._apply_config()
         for pool in self.pools.values():
@@ -247,8 +245,12 @@ class Relay:
 
     # -- hook call sites (one per hook) -----------------------------------------------------------
 
-    def add_settings(self, registry: SettingsRegistry) -> None:
-        self.hook.pgrelay_add_settings(settings=registry)
+    @staticmethod
+    def declared_settings(pm) -> SettingsRegistry:
+        """The core settings plus those the plugins of `pm` declare (also used by --help and docs)."""
+        registry = core_registry()
+        pm.hook.pgrelay_add_settings(settings=registry)
+        return registry
 
     def configure(self) -> None:
         self.hook.pgrelay_configure(relay=self)

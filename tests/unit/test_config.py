@@ -1,7 +1,5 @@
 """pgrelay/config.py: the INI reader, load_config precedence and validation, Config.changed and parse_connstr."""
 
-import os
-
 import pytest
 
 from pgrelay.config import MAX_INCLUDE_DEPTH, Entry, load_config, parse_connstr, read_ini

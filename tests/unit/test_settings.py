@@ -3,7 +3,7 @@
 import pytest
 
 from pgrelay.settings import (
-    BOOL, CORE_SETTINGS, INT, LIST, PLANNED_SETTINGS, POOL_MODE, SECONDS, STR, Enum, Int, Setting,
+    BOOL, CORE_SETTINGS, INT, LIST, PLANNED_SETTINGS, POOL_MODE, SECONDS, STR, Int, Setting,
     SettingsRegistry, core_registry,
 )
 

@@ -1,0 +1,68 @@
+"""plugins/limits.py: max_client_conn counted over the relay's clients, as PgBouncer does."""
+
+import logging
+
+import pytest
+
+from pgrelay import Listener, Login, Reject
+from pgrelay.relay import Relay
+from pgrelay_plugins import limits
+
+MAX_CLIENT_CONN_REJECT = Reject("no more connections allowed (max_client_conn)", "53300")
+
+
+@pytest.fixture(autouse=True)
+def restore_pgrelay_logger():
+    """Relay.reload() reconfigures the 'pgrelay' logger (stderr handler, no propagation): undo that."""
+    logger = logging.getLogger("pgrelay")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in list(logger.handlers):
+        if handler not in saved[0]:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.propagate, logger.level = saved[1], saved[2]
+
+
+def login():
+    return Login(client_id=1, listener=Listener("test", "127.0.0.1", 6432), peer="127.0.0.1:40000",
+                 user="alice", database="db")
+
+
+def make_relay(tmp_path, extra=""):
+    path = tmp_path / "relay.ini"
+    path.write_text("[databases]\n* = host=h\n[pgbouncer]\nauth_type = trust\nmax_client_conn = 3\n" + extra)
+    return Relay(str(path), env={})
+
+
+def fill(relay, n):
+    """Placeholder clients: the limit only counts entries of relay.clients."""
+    relay.clients.clear()
+    relay.clients.update({i: object() for i in range(n)})
+
+
+@pytest.mark.parametrize("clients,decision", [
+    (0, None), (1, None), (3, None),           # the client being checked is already counted
+    (4, MAX_CLIENT_CONN_REJECT), (50, MAX_CLIENT_CONN_REJECT),
+])
+def test_max_client_conn(tmp_path, clients, decision):
+    relay = make_relay(tmp_path)
+    fill(relay, clients)
+    assert relay.check_client_limits(login()) == decision
+    assert limits.pgrelay_check_client_limits(relay=relay, login=login()) == decision
+
+
+def test_limit_follows_reload(tmp_path):
+    relay = make_relay(tmp_path)
+    fill(relay, 4)
+    assert relay.check_client_limits(login()) == MAX_CLIENT_CONN_REJECT
+    (tmp_path / "relay.ini").write_text("[databases]\n* = host=h\n[pgbouncer]\nauth_type = trust\nmax_client_conn = 10\n")
+    assert relay.reload() is True
+    assert relay.config.max_client_conn == 10
+    assert relay.check_client_limits(login()) is None
+
+
+def test_disabled_limits_plugin_admits_everyone(tmp_path):
+    relay = make_relay(tmp_path, "disable_plugins = limits\n")
+    fill(relay, 100)
+    assert relay.check_client_limits(login()) is None
