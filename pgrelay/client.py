@@ -27,8 +27,8 @@ log = logging.getLogger("pgrelay.client")
 _ids = itertools.count(1)
 _unpack = protocol._I32.unpack_from
 _II = protocol._I32I32.unpack_from
-_VALID = protocol.VALID_FRONTEND
-_Q, _S, _F, _X = 81, 83, 70, 88
+_CLASS = protocol.FRONTEND_CLASS
+_X = 88
 # PostgreSQL refuses any message above 1 GiB, so no longer one can be valid.
 PG_MAX_MESSAGE = 0x40000000
 MAX_PENDING = 1 << 20  # bytes a queued client may send before pgrelay stops reading it
@@ -38,7 +38,7 @@ class ClientConnection:
     """One client connected to pgrelay."""
 
     __slots__ = ("relay", "id", "listener", "peer", "stream", "sock", "state", "server", "pool", "route",
-                 "user", "database", "params", "pvals", "key", "skip", "carry", "pending", "pending_queries",
+                 "user", "database", "params", "pvals", "key", "skip", "carry", "open_batch", "pending", "pending_queries",
                  "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
                  "close_reason", "__weakref__")
 
@@ -57,8 +57,9 @@ class ClientConnection:
         self.params: dict[str, str] = {}
         self.pvals: tuple = ()
         self.key = b""
-        self.skip = 0
-        self.carry = b""
+        self.skip = 0                # bytes of the current message that lie beyond the last buffer
+        self.carry = b""             # a split message header, awaiting more bytes
+        self.open_batch = False      # extended-protocol messages sent since the last Sync
         self.pending = b""           # bytes read while no server was linked
         self.pending_queries = 0
         self.out: bytearray | None = None
@@ -301,9 +302,17 @@ class ClientConnection:
                 server.backlog(data[sent:], self)
         else:
             server.out += data
+        if not queries and not server.expect and server.txstatus == 73 and pool.mode \
+                and not self.skip and not self.carry and not self.open_batch and server.out is None:
+            # The server went idle while this client was still mid-message (e.g. the tail of a
+            # CopyData after a COPY error, which PostgreSQL drops): now the message is complete.
+            pool.release(server)
 
     def _scan(self, data: bytes) -> int:
-        """Count messages that end in ReadyForQuery (Q, S, F); -(offset+1) if a Terminate is found."""
+        """Count messages that end in ReadyForQuery (Q, S, F) and note an unsynced extended batch.
+
+        Returns -(offset+1) if a Terminate is found at `offset` of `data`.
+        """
         if self.carry:
             buf = self.carry + data
             offset = len(self.carry)
@@ -315,10 +324,18 @@ class ClientConnection:
             pos = self.skip
         n = len(buf)
         queries = 0
+        open_batch = self.open_batch
         limit = self.max_length
         while pos + 5 <= n:
             kind = buf[pos]
-            if not _VALID[kind]:
+            cls = _CLASS[kind]
+            if cls == 2:
+                queries += 1
+                open_batch = False
+            elif cls == 1:
+                open_batch = True
+            elif cls == 0:
+                self.open_batch = open_batch
                 if kind == _X:
                     self.skip = 0
                     return -(max(pos - offset, 0) + 1)
@@ -331,15 +348,18 @@ class ClientConnection:
             length = _unpack(buf, pos + 1)[0]
             if length < 4 or length > limit:
                 raise ProtocolViolation(f"bad packet header: message {chr(kind)!r} with length {length}")
-            if kind == _Q or kind == _S or kind == _F:
-                queries += 1
             pos += 1 + length
+        self.open_batch = open_batch
         if pos < n:
             self.carry = buf[pos:]
             self.skip = 0
         else:
             self.skip = pos - n
         return queries
+
+    def at_boundary(self) -> bool:
+        """Nothing of the client's is half-sent: no split message and no unsynced batch."""
+        return not self.skip and not self.carry and not self.open_batch
 
     def _terminate(self, data: bytes, at: int) -> None:
         server = self.server
@@ -429,7 +449,7 @@ class ClientConnection:
                 self.stream.try_send(data)
         server = self.server
         if server is not None:
-            if server.is_clean() and not self.skip and not self.carry and server.pool.reuse:
+            if server.is_clean() and self.at_boundary() and server.pool.reuse:
                 server.pool.release(server)
             else:
                 server.close("client disconnect while server was not ready")

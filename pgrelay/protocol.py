@@ -25,6 +25,14 @@ FRONTEND_TYPES = frozenset(b"QPBEDCHSXFdcfp")
 # Terminate ('X') and password messages ('p') are handled, not forwarded.
 VALID_FRONTEND = bytes(1 if t in FRONTEND_TYPES and t not in b"Xp" else 0 for t in range(256))
 
+# FRONTEND_CLASS[t]: how the relay's scanner treats a client message type.
+#   0 = not forwarded (unknown, or X/p which are handled), 1 = part of an extended-protocol batch
+#   that only a Sync completes (P B E D C), 2 = ends in ReadyForQuery (Q S F), 3 = neutral: COPY
+#   data (d c f) and Flush (H), which leave nothing unsynced on the server.
+FC_INVALID, FC_BATCH, FC_SYNC, FC_NEUTRAL = 0, 1, 2, 3
+FRONTEND_CLASS = bytes(FC_BATCH if t in b"PBEDC" else FC_SYNC if t in b"QSF" else FC_NEUTRAL if t in b"dcfH"
+                       else FC_INVALID for t in range(256))
+
 READY_IDLE = b"Z\x00\x00\x00\x05I"
 AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 SSL_NO = b"N"

@@ -14,7 +14,7 @@ from gevent import Timeout
 from . import protocol
 from .auth import SCRAM_MECHANISM, ScramClient, ScramError, md5_password
 from .errors import ProtocolViolation, Reject, ServerError
-from .pool import (MODE_STATEMENT, MODE_TRANSACTION, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
+from .pool import (MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
                    SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_server_state)
 from .stream import RECV_SIZE, Stream
 
@@ -301,18 +301,17 @@ class ServerConnection:
             expect = self.expect - zs
             self.expect = expect if expect > 0 else 0
             client.pool.stats.query_count += zs
-            if expect <= 0:
-                mode = client.pool.mode
-                if mode == MODE_TRANSACTION:
-                    if self.txstatus == _I:
+            if expect <= 0 and client.pool.mode:  # transaction or statement pooling
+                if self.txstatus == _I:
+                    # Release only at a clean boundary on both sides: no split message or
+                    # unsynced extended batch from the client, no partial message from us.
+                    if not client.skip and not client.carry and not client.open_batch \
+                            and not self.skip and not self.carry:
                         client.pool.release(self)
-                elif mode == MODE_STATEMENT:
-                    if self.txstatus == _I:
-                        client.pool.release(self)
-                    else:
-                        reject = Reject("transaction blocks not allowed in statement pooling mode")
-                        self.close("transaction blocks not allowed in statement pooling mode")
-                        client.disconnect("transaction blocks not allowed in statement pooling mode", reject)
+                elif client.pool.mode == MODE_STATEMENT:
+                    reject = Reject("transaction blocks not allowed in statement pooling mode")
+                    self.close("transaction blocks not allowed in statement pooling mode")
+                    client.disconnect("transaction blocks not allowed in statement pooling mode", reject)
 
     def _scan(self, data: bytes) -> int:
         """Count ReadyForQuery messages (keeping the last status) and apply ParameterStatus."""

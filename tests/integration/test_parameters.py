@@ -145,3 +145,25 @@ def test_untracked_startup_parameter_is_refused(make_relay):
         assert one(conn, "SELECT current_setting('TimeZone'), 1 + 1") == ("UTC", 2)
     finally:
         conn.close()
+
+
+def test_client_encoding_follows_each_client_on_a_shared_server(make_relay):
+    relay = make_relay({"pool_mode": "transaction", "default_pool_size": 1})
+    latin = connect(relay, client_encoding="LATIN1")
+    utf8 = connect(relay, client_encoding="UTF8")
+    try:
+        assert status(latin, "client_encoding") == "LATIN1"
+        sql = "SELECT current_setting('client_encoding'), %s::text, length(%s::text), pg_backend_pid()"
+        pids = set()
+        for _ in range(3):
+            # psycopg encodes 'é' as one byte for LATIN1 and two for UTF8; the server must agree.
+            enc, text, length, pid = latin.execute(sql, ("é", "café")).fetchone()
+            assert (enc, text, length) == ("LATIN1", "é", 4)
+            pids.add(pid)
+            enc, text, length, pid = utf8.execute(sql, ("é", "café")).fetchone()
+            assert (enc, text, length) == ("UTF8", "é", 4)
+            pids.add(pid)
+        assert len(pids) == 1
+    finally:
+        latin.close()
+        utf8.close()
