@@ -121,8 +121,10 @@ class ScramClient:
     """
 
     def __init__(self, password: str | None = None, client_key: bytes | None = None,
-                 server_key: bytes | None = None, channel_binding: bytes | None = None):
+                 server_key: bytes | None = None, channel_binding: bytes | None = None,
+                 expect: "ScramSecret | None" = None):
         self.password = password
+        self.expect = expect  # with pass-through keys: the verifier they belong to
         self.client_key = client_key
         self.server_key = server_key
         self.nonce = base64.b64encode(os.urandom(18)).decode("ascii")
@@ -155,6 +157,9 @@ class ScramClient:
             salt = base64.b64decode(salt_b64, validate=True)
         except ValueError:
             raise ScramError("bad SCRAM salt") from None
+        if self.expect is not None and (salt != self.expect.salt or int(iters) != self.expect.iterations):
+            raise ScramError("the server's SCRAM secret differs from the one the client authenticated "
+                             "against; pass-through needs identical secrets")
         cbind_input = self.gs2.encode("ascii") + (self.cbind or b"")
         without_proof = f"c={base64.b64encode(cbind_input).decode('ascii')},r={nonce}"
         auth_message = f"{self.first_bare},{text},{without_proof}".encode("ascii")
@@ -184,3 +189,144 @@ class ScramClient:
             raise ScramError("bad server signature encoding") from None
         if self.expected_signature is None or not hmac.compare_digest(signature, self.expected_signature):
             raise ScramError("invalid server signature")
+
+
+def _parse_gs2(data: bytes) -> tuple[str, str, str]:
+    """(cbind flag, gs2 header, client-first-message-bare) of a client-first-message."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScramError("client-first-message is not UTF-8") from None
+    parts = text.split(",", 2)
+    if len(parts) != 3:
+        raise ScramError("malformed client-first-message")
+    flag, authzid, bare = parts
+    if authzid:
+        raise ScramError("authorization identities are not supported")
+    if not (flag in ("n", "y") or flag.startswith("p=")):
+        raise ScramError("malformed GS2 channel-binding flag")
+    return flag, f"{flag},{authzid},", bare
+
+
+class ScramServer:
+    """pgrelay verifying a client's SCRAM-SHA-256(-PLUS) login against a stored verifier.
+
+    With `secret=None` (unknown user) it runs the same exchange against a mock verifier and
+    fails at the end, so an unknown user looks exactly like a wrong password.
+    """
+
+    def __init__(self, secret: ScramSecret | None, mock_salt: bytes, mock_iterations: int,
+                 channel_binding: bytes | None = None):
+        self.known = secret is not None
+        self.secret = secret or ScramSecret(mock_iterations, mock_salt, os.urandom(32), os.urandom(32))
+        self.cbind_data = channel_binding
+        self.nonce = ""
+        self.client_first_bare = ""
+        self.server_first = ""
+        self.gs2 = ""
+        self.client_key: bytes | None = None
+
+    def first(self, mechanism: str, data: bytes) -> bytes:
+        """Take the SASLInitialResponse data; return server-first-message."""
+        flag, self.gs2, bare = _parse_gs2(data)
+        if mechanism == SCRAM_PLUS_MECHANISM:
+            if flag != "p=tls-server-end-point" or self.cbind_data is None:
+                raise ScramError("channel binding type not supported")
+        elif flag.startswith("p="):
+            raise ScramError("channel binding requested without SCRAM-SHA-256-PLUS")
+        elif flag == "y" and self.cbind_data is not None:
+            # The client thinks we offered no channel binding, but we did (PLUS): a downgrade.
+            raise ScramError("SCRAM channel binding negotiation error")
+        attrs = _attrs(bare)
+        client_nonce = attrs.get("r", "")
+        if not client_nonce or len(client_nonce) > MAX_NONCE_LENGTH or any(c in client_nonce for c in ", ") \
+                or not client_nonce.isprintable():
+            raise ScramError("client-first-message has a missing or invalid nonce")
+        if "m" in attrs:
+            raise ScramError("SCRAM extensions are not supported")
+        self.client_first_bare = bare
+        self.nonce = client_nonce + base64.b64encode(os.urandom(18)).decode("ascii")
+        salt = base64.b64encode(self.secret.salt).decode("ascii")
+        self.server_first = f"r={self.nonce},s={salt},i={self.secret.iterations}"
+        return self.server_first.encode("ascii")
+
+    def final(self, data: bytes) -> bytes:
+        """Check client-final-message; return server-final-message or raise ScramError."""
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise ScramError("client-final-message is not ASCII") from None
+        without_proof, sep, proof_attr = text.rpartition(",p=")
+        if not sep:
+            raise ScramError("client-final-message lacks a proof")
+        attrs = _attrs(without_proof)
+        if attrs.get("r") != self.nonce:
+            raise ScramError("client-final-message nonce does not match")
+        expected_cbind = self.gs2.encode("ascii")
+        if self.gs2.startswith("p="):
+            expected_cbind += self.cbind_data or b""
+        try:
+            cbind = base64.b64decode(attrs.get("c", ""), validate=True)
+            proof = base64.b64decode(proof_attr, validate=True)
+        except ValueError:
+            raise ScramError("malformed base64 in client-final-message") from None
+        if not hmac.compare_digest(cbind, expected_cbind):
+            raise ScramError("SCRAM channel binding check failed")
+        if len(proof) != 32:
+            raise ScramError("malformed SCRAM proof")
+        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode("utf-8")
+        signature = _hmac(self.secret.stored_key, auth_message)
+        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        if not self.known or not hmac.compare_digest(_h(client_key), self.secret.stored_key):
+            raise ScramError("password authentication failed")
+        self.client_key = client_key
+        server_signature = _hmac(self.secret.server_key, auth_message)
+        return f"v={base64.b64encode(server_signature).decode('ascii')}".encode("ascii")
+
+
+def mock_salt(key: bytes, user: str) -> bytes:
+    """A stable per-user salt for unknown users, so repeated probes see consistent values."""
+    return hmac.new(key, user.encode("utf-8"), hashlib.sha256).digest()[:16]
+
+
+# Signature algorithms whose hash is not SHA-256, as DER-encoded OIDs (RFC 5929: tls-server-end-point
+# hashes the certificate with the signature's hash, SHA-256 for MD5/SHA-1).
+_SIG_HASHES = {
+    bytes.fromhex("06092a864886f70d01010c"): "sha384",   # sha384WithRSAEncryption
+    bytes.fromhex("06092a864886f70d01010d"): "sha512",   # sha512WithRSAEncryption
+    bytes.fromhex("06082a8648ce3d040303"): "sha384",     # ecdsa-with-SHA384
+    bytes.fromhex("06082a8648ce3d040304"): "sha512",     # ecdsa-with-SHA512
+}
+
+
+def tls_server_end_point(cert_der: bytes) -> bytes:
+    """Channel binding data for a certificate (type tls-server-end-point)."""
+    name, last = "sha256", -1
+    for oid, hash_name in _SIG_HASHES.items():
+        at = cert_der.rfind(oid)
+        if at > last:
+            name, last = hash_name, at
+    return hashlib.new(name, cert_der).digest()
+
+
+def verify_plain(password: str, secret: str | None, user: str) -> bool:
+    """Check a cleartext password against a stored secret (plaintext, md5 or SCRAM)."""
+    if secret is None or not password:
+        return False
+    if secret.startswith("md5") and len(secret) == 35:
+        computed = "md5" + hashlib.md5((password + user).encode("utf-8")).hexdigest()
+        return hmac.compare_digest(computed, secret)
+    scram = ScramSecret.parse(secret)
+    if scram is not None:
+        derived = ScramSecret.from_password(password, scram.iterations, scram.salt)
+        return hmac.compare_digest(derived.stored_key, scram.stored_key)
+    return hmac.compare_digest(password.encode("utf-8"), secret.encode("utf-8"))
+
+
+def md5_expected(secret: str | None, user: str, salt: bytes) -> bytes | None:
+    """The md5 response a client must send for this secret, or None if md5 cannot work with it."""
+    if secret is None or ScramSecret.parse(secret) is not None:
+        return None
+    if secret.startswith("md5") and len(secret) == 35:
+        return md5_from_secret(secret, salt)
+    return md5_password(secret, user, salt)

@@ -14,7 +14,7 @@ from .errors import ClientGone, LoginTimeout, PgRelayError, ProtocolViolation, R
 from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_SYNC,
                    change_client_state, link)
 from .routing import Login, Route
-from .stream import RECV_SIZE, Stream
+from .stream import RECV_SIZE, WOULD_BLOCK, Stream
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -93,6 +93,8 @@ class ClientConnection:
                 if pairs is None:
                     return  # a cancel request, or a close after SSL/GSS negotiation
                 login = self._parse_startup(pairs)
+                if relay.client_tls.required and not self.tls:
+                    raise RejectError(Reject("SSL required"))
                 if relay.config.log_connections:
                     log.info("%s login attempt: db=%s user=%s tls=%s", self.label, self.database, self.user,
                              "yes" if self.tls else "no")
@@ -131,6 +133,9 @@ class ClientConnection:
     def _read_startup(self) -> list[tuple[str, str]] | None:
         stream = self.stream
         negotiated = set()
+        tls = self.relay.client_tls
+        if tls.enabled and stream.peek_byte() == 0x16:
+            self._start_tls(direct=True)  # libpq 17+ sslnegotiation=direct: a ClientHello first
         while True:
             header = stream.read_exact(8)
             length, code = _II(header, 0)
@@ -141,10 +146,16 @@ class ClientConnection:
                 self.disconnect("cancel request", log_it=False)
                 return None
             if code in (protocol.SSL_REQUEST_CODE, protocol.GSSENC_REQUEST_CODE):
-                if length != 8 or code in negotiated:
+                if length != 8 or code in negotiated or self.tls:
                     raise ProtocolViolation(f"bad packet header: repeated or malformed {length}-byte request")
                 negotiated.add(code)
-                if self.relay.negotiate_tls(self, code):
+                if code == protocol.SSL_REQUEST_CODE and tls.enabled:
+                    if stream.rbuf:
+                        # Plaintext pipelined after SSLRequest would be read as if it came over
+                        # TLS (CVE-2021-3935): a protocol violation, never forwarded.
+                        raise ProtocolViolation("unencrypted data after SSL request")
+                    stream.sendall(b"S")
+                    self._start_tls(direct=False)
                     continue
                 stream.sendall(protocol.SSL_NO)
                 continue
@@ -165,6 +176,14 @@ class ClientConnection:
             if minor > 0 or unknown_opts:
                 stream.sendall(protocol.negotiate_protocol_version(0, unknown_opts))
             return [(k, v) for k, v in pairs if not k.startswith("_pq_.")]
+
+    def _start_tls(self, direct: bool) -> None:
+        stream = self.stream
+        stream.start_tls(self.relay.client_tls.context, server_side=True)
+        if direct and stream.sock.selected_alpn_protocol() != "postgresql":
+            raise ProtocolViolation("direct TLS connection without ALPN protocol \"postgresql\"")
+        self.sock = stream.sock
+        self.tls = True
 
     def _parse_startup(self, pairs: list[tuple[str, str]]) -> Login:
         relay = self.relay
@@ -223,7 +242,7 @@ class ClientConnection:
     def _on_readable(self) -> None:
         try:
             data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError:
             self.disconnect("client read failed")
@@ -293,7 +312,7 @@ class ClientConnection:
         if server.out is None:
             try:
                 sent = server.sock.send(data)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
                 server.lost(f"server write failed: {exc.strerror or exc}")
@@ -403,7 +422,7 @@ class ClientConnection:
     def _on_writable(self) -> None:
         try:
             sent = self.sock.send(self.out)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError:
             self.disconnect("client write failed")
@@ -422,7 +441,19 @@ class ClientConnection:
         rw = self.stream.rw
         if not rw.active and self.state in (CL_IDLE, CL_ACTIVE) and self.paused_by is None \
                 and (self.server is None or self.server.state != SV_SYNC):
-            rw.start(self._on_readable)
+            if self.tls:
+                rw.start(self._on_readable_tls)
+                if self.sock.pending():  # decrypted bytes already buffered: the fd will not wake us
+                    rw.loop.run_callback(self._on_readable_tls)
+            else:
+                rw.start(self._on_readable)
+
+    def _on_readable_tls(self) -> None:
+        """TLS may hold decrypted bytes beyond one recv; drain them while reading is on."""
+        while True:
+            self._on_readable()
+            if self.state == CL_CLOSED or not self.stream.rw.active or not self.sock.pending():
+                return
 
     def stop_reading(self) -> None:
         self.stream.rw.stop()

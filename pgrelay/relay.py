@@ -16,8 +16,8 @@ from typing import Any, Iterable
 import gevent
 from gevent.event import Event
 
-from . import logs
-from .auth import ScramClient
+from . import client_auth, logs
+from .auth import ScramClient, ScramSecret
 from .config import Config, load_config
 from .errors import ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
 from .listener import Listeners
@@ -26,6 +26,7 @@ from .pool import CL_CLOSED, SV_ACTIVE, Pool
 from .protocol import quote_literal
 from .routing import Database, HostAddr, Login, Route
 from .settings import SettingsRegistry, core_registry
+from .tls import client_tls, server_tls
 
 log = logging.getLogger("pgrelay")
 
@@ -54,12 +55,18 @@ class Relay:
         self.shutting_down = False
         self.stopped = Event()
         self.listeners = Listeners(self)
+        self.mock_key = secrets.token_bytes(32)  # salts mock SCRAM exchanges for unknown users
+        self.scram_keys: dict[str, tuple[ScramSecret, bytes]] = {}  # user -> (verifier, ClientKey)
         self._janitor = None
         self._apply_config()
         self.configure()
 
     def _apply_config(self) -> None:
+        """Derived state of the current config: tracked parameters and TLS contexts (re-read on reload)."""
         config = self.config
+        self.client_tls = client_tls(config)
+        self.server_tls = server_tls(config)
+        self.scram_iterations = config.scram_iterations
         self.tracked = BUILTIN_TRACKED + tuple(p for p in config.track_extra_parameters
                                                if p.lower() not in {t.lower() for t in BUILTIN_TRACKED})
         self.tracked_index = {name.lower(): i for i, name in enumerate(self.tracked)}
@@ -110,6 +117,7 @@ class Relay:
         old, old_state = self.config, dict(self.plugin_data)
         self.config = Config(values=values, sections=new.sections, path=new.path, warnings=new.warnings)
         try:
+            client_tls(self.config), server_tls(self.config)  # refuse unreadable certificates now
             self.configure()
         except ConfigError as exc:
             log.error("config reload failed, keeping the old configuration: %s", exc)
@@ -227,21 +235,29 @@ class Relay:
             parts.append(f"SET {name}={rendered}")
         return ";".join(parts) if parts else None
 
-    def negotiate_tls(self, client, code: int) -> bool:
-        """Answer an SSLRequest/GSSENCRequest; False means pgrelay answered nothing (caller sends 'N')."""
-        return False
+    def remember_scram_keys(self, user: str, secret: ScramSecret, client_key: bytes) -> None:
+        """Keep a SCRAM client's ClientKey (in memory only) so servers can log in as that user."""
+        self.scram_keys[user] = (secret, client_key)
 
-    def scram_client(self, route: Route, password: str | None) -> ScramClient | None:
-        if password is None:
+    def scram_client(self, user: str, password: str | None, cbind: bytes | None) -> ScramClient | None:
+        """How pgrelay logs in to a SCRAM server: with a plaintext password, or by pass-through.
+
+        Pass-through needs the server's verifier to be the one the client authenticated against
+        (same salt and iterations), as with PgBouncer.
+        """
+        secret = ScramSecret.parse(password) if password else None
+        if password and secret is None and not (password.startswith("md5") and len(password) == 35):
+            return ScramClient(password=password, channel_binding=cbind)
+        cached = self.scram_keys.get(user)
+        if cached is None or (secret is not None and cached[0] != secret):
             return None
-        from .auth import ScramSecret
-        secret = ScramSecret.parse(password)
-        if secret is not None:
-            return None  # a stored verifier alone cannot log in; pass-through keys are needed
-        return ScramClient(password=password)
+        verifier, client_key = cached
+        return ScramClient(client_key=client_key, server_key=verifier.server_key, channel_binding=cbind,
+                           expect=verifier)
 
-    def server_password(self, route: Route) -> str | None:
-        return self.get_credentials(None, route.server_user)
+    def server_password(self, user: str) -> str | None:
+        """The secret for a server login as `user` when the database line has no password."""
+        return self.get_credentials(None, user)
 
     # -- hook call sites (one per hook) -----------------------------------------------------------
 
@@ -266,9 +282,7 @@ class Relay:
         method = self.choose_auth_method(login)
         if isinstance(method, Reject):
             raise RejectError(method)
-        if method in ("trust", "any"):
-            return
-        raise RejectError(Reject(f"authentication method {method} is not supported by this build", "28000"))
+        client_auth.authenticate(self, client, login, method)
 
     def get_credentials(self, login: Login | None, user: str) -> str | None:
         return self.hook.pgrelay_get_credentials(relay=self, login=login, user=user)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING
 
 import gevent
 from gevent import Timeout
 
-from . import protocol
-from .auth import SCRAM_MECHANISM, ScramClient, ScramError, md5_password
+from . import protocol, server_login
 from .errors import ProtocolViolation, Reject, ServerError
 from .pool import (MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
                    SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_server_state)
-from .stream import RECV_SIZE, Stream
+from .stream import RECV_SIZE, WOULD_BLOCK, Stream
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -30,40 +28,6 @@ _ids = itertools.count(1)
 _unpack = protocol._I32.unpack_from
 _Z, _S, _E, _I = 90, 83, 69, 73
 MAX_SERVER_META_MESSAGE = 1 << 20  # ParameterStatus / ReadyForQuery bigger than this is a violation
-
-
-def open_socket(addr: "HostAddr", timeout: float) -> socket.socket:
-    """A connected, non-blocking socket to a server address (TCP or Unix)."""
-    path = addr.unix_path
-    if path:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target = path
-    else:
-        from gevent import socket as gsocket
-        infos = gsocket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM)
-        family, _, _, _, target = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        err = sock.connect_ex(target)
-        if err not in (0, 115, 11):  # EINPROGRESS, EAGAIN
-            raise OSError(err, f"connect to {addr} failed: {socket.errno.errorcode.get(err, err)}")
-        if err:
-            from gevent.hub import get_hub
-            watcher = get_hub().loop.io(sock.fileno(), 2)
-            try:
-                get_hub().wait(watcher)
-            finally:
-                watcher.close()
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, f"connect to {addr} failed: {socket.errno.errorcode.get(err, err)}")
-    except BaseException:
-        sock.close()
-        raise
-    if not path:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 class ServerConnection:
@@ -117,15 +81,18 @@ class ServerConnection:
         try:
             with Timeout(self.relay.config.server_connect_timeout or None,
                          ServerError(f"server connect timeout to {self.addr}")):
-                try:
-                    sock = open_socket(self.addr, 0)
-                except OSError as exc:
-                    raise ServerError(f"could not connect to server {self.addr}: {exc.strerror or exc}") from None
-                self.stream = Stream(sock)
-                self.sock = sock
-                self._authenticate(route)
+                self.stream = server_login.connect(self.relay, self.addr)
+                self.sock = self.stream.sock
+                password = route.server_password
+                if password is None:
+                    password = self.relay.server_password(route.server_user)
+                self.params, self.key = server_login.login(self.relay, self.stream, route.server_user, route.dbname,
+                                                           route.server_params, password)
                 if route.connect_query:
-                    self._run_query(route.connect_query)
+                    try:
+                        server_login.simple_query(self.stream, route.connect_query, self.params)
+                    except ServerError as exc:
+                        raise ServerError(f"connect_query failed: {exc}", exc.fields) from None
         except ServerError as exc:
             log.warning("S-%d: %s/%s@%s login failed: %s", self.id, route.dbname, route.server_user, self.addr, exc)
             self._discard()
@@ -138,8 +105,9 @@ class ServerConnection:
             return
         self.pvals = self.relay.tracked_values(self.params)
         if self.relay.config.verbose:
-            log.debug("S-%d: %s/%s@%s new connection to server", self.id, route.dbname, route.server_user, self.addr)
-        self.stream.rw.start(self._on_readable)
+            log.debug("S-%d: %s/%s@%s new connection to server%s", self.id, route.dbname, route.server_user,
+                      self.addr, " (TLS)" if self.stream.tls else "")
+        self.start_reading()
         self.relay.server_connected(self)
         self.pool.server_ready(self)
 
@@ -148,112 +116,12 @@ class ServerConnection:
         if self.stream is not None:
             self.stream.close()
 
-    def _read(self) -> tuple[int, bytes]:
-        try:
-            return self.stream.read_message(protocol.MAX_MESSAGE_LENGTH)
-        except ProtocolViolation as exc:
-            raise ServerError(f"server sent a bad message: {exc}") from None
-        except Exception as exc:
-            raise ServerError(f"server closed the connection during login ({type(exc).__name__})") from None
-
-    def _send(self, data: bytes) -> None:
-        try:
-            self.stream.sendall(data)
-        except Exception:
-            raise ServerError("server connection lost during login") from None
-
-    def _authenticate(self, route) -> None:
-        params = {"user": route.server_user, "database": route.dbname}
-        params.update(route.server_params)
-        self._send(protocol.startup_message(params))
-        scram: ScramClient | None = None
-        password = route.server_password
-        if password is None:
-            password = self.relay.server_password(route)
-        while True:
-            kind, body = self._read()
-            if kind == 82:  # 'R'
-                if len(body) < 4:
-                    raise ServerError("server sent a short authentication request")
-                code = _unpack(body, 0)[0]
-                if code == 0:
-                    continue
-                if code == 3:
-                    if password is None:
-                        raise ServerError("server asked for a password and none is configured")
-                    self._send(protocol.password_message(protocol.cstr(password)))
-                elif code == 5:
-                    if password is None or len(body) < 8:
-                        raise ServerError("server asked for an md5 password and none is configured")
-                    if password.startswith("md5") and len(password) == 35:
-                        from .auth import md5_from_secret
-                        payload = md5_from_secret(password, body[4:8])
-                    else:
-                        payload = md5_password(password, route.server_user, body[4:8])
-                    self._send(protocol.password_message(payload + b"\x00"))
-                elif code == 10:
-                    mechanisms = body[4:].split(b"\x00")
-                    if SCRAM_MECHANISM.encode() not in mechanisms:
-                        raise ServerError("server offers no supported SASL mechanism")
-                    scram = self.relay.scram_client(route, password)
-                    if scram is None:
-                        raise ServerError("server asked for SCRAM and no password or secret is configured")
-                    self._send(protocol.sasl_initial_response(scram.mechanism, scram.first_message()))
-                elif code == 11:
-                    if scram is None:
-                        raise ServerError("server sent SASLContinue out of order")
-                    try:
-                        self._send(protocol.password_message(scram.final_message(body[4:])))
-                    except ScramError as exc:
-                        raise ServerError(f"server login failed: {exc}") from None
-                elif code == 12:
-                    if scram is None:
-                        raise ServerError("server sent SASLFinal out of order")
-                    try:
-                        scram.verify_final(body[4:])
-                    except ScramError as exc:
-                        raise ServerError(f"server login failed: {exc}") from None
-                else:
-                    raise ServerError(f"server asked for an unsupported authentication method ({code})")
-            elif kind == _S:
-                try:
-                    name, value = protocol.parse_parameter_status(body)
-                except ValueError:
-                    raise ServerError("server sent a bad ParameterStatus") from None
-                self.params[name] = value
-            elif kind == 75:  # 'K'
-                if len(body) != 8:
-                    raise ServerError("server sent a BackendKeyData of unexpected size")
-                self.key = body
-            elif kind == _Z:
-                return
-            elif kind == _E:
-                fields = protocol.parse_fields(body)
-                raise ServerError(fields.get("M", "server login failed"), fields)
-            elif kind in (78, 118):  # NoticeResponse, NegotiateProtocolVersion
-                continue
-            else:
-                raise ServerError(f"server sent unexpected message {chr(kind)!r} during login")
-
-    def _run_query(self, sql: str) -> None:
-        self._send(protocol.query(sql))
-        while True:
-            kind, body = self._read()
-            if kind == _E:
-                fields = protocol.parse_fields(body)
-                raise ServerError(f"connect_query failed: {fields.get('M', '')}", fields)
-            if kind == _S:
-                name, value = protocol.parse_parameter_status(body)
-                self.params[name] = value
-            if kind == _Z:
-                return
-
     # -- the relay: server to client ----------------------------------------------------------
 
     def _on_readable(self) -> None:
         try:
             data = self.sock.recv(RECV_SIZE)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError as exc:
             self.lost(f"server read failed: {exc.strerror or exc}")
@@ -288,7 +156,7 @@ class ServerConnection:
         if client.out is None:
             try:
                 sent = client.sock.send(data)
-            except BlockingIOError:
+            except WOULD_BLOCK:
                 sent = 0
             except OSError:
                 client.disconnect("client write failed")
@@ -444,7 +312,7 @@ class ServerConnection:
             return
         try:
             sent = self.sock.send(data)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             sent = 0
         except OSError as exc:
             self.lost(f"server write failed: {exc.strerror or exc}")
@@ -463,7 +331,7 @@ class ServerConnection:
     def _on_writable(self) -> None:
         try:
             sent = self.sock.send(self.out)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             return
         except OSError as exc:
             self.lost(f"server write failed: {exc.strerror or exc}")
@@ -479,8 +347,20 @@ class ServerConnection:
             source.start_reading()
 
     def start_reading(self) -> None:
-        if self.state != SV_CLOSED and self.stream is not None:
+        if self.state == SV_CLOSED or self.stream is None or self.stream.rw.active:
+            return
+        if self.stream.tls:
+            self.stream.rw.start(self._on_readable_tls)
+            if self.sock.pending():  # decrypted bytes already buffered: the fd will not wake us
+                self.stream.rw.loop.run_callback(self._on_readable_tls)
+        else:
             self.stream.rw.start(self._on_readable)
+
+    def _on_readable_tls(self) -> None:
+        while True:
+            self._on_readable()
+            if self.state == SV_CLOSED or not self.stream.rw.active or not self.sock.pending():
+                return
 
     def stop_reading(self) -> None:
         self.stream.rw.stop()
@@ -540,8 +420,7 @@ class ServerConnection:
     def _cancel(self) -> None:
         try:
             with Timeout(self.relay.config.cancel_wait_timeout or None):
-                sock = open_socket(self.addr, 0)
-                stream = Stream(sock)
+                stream = Stream(server_login.open_socket(self.addr))
                 try:
                     stream.sendall(protocol.cancel_request(self.key))
                     try:

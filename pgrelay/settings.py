@@ -95,6 +95,7 @@ class List(SettingType):
 STR, BOOL, SECONDS, LIST = Str(), Bool(), Seconds(), List()
 INT = Int()
 POOL_MODE = Enum("session", "transaction", "statement")
+TLS_MODE = Enum("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 @dataclass(frozen=True)
@@ -190,10 +191,26 @@ CORE_SETTINGS: list[Setting] = [
     S("track_extra_parameters", LIST, "IntervalStyle", False,
       "Server-reported parameters tracked per client and re-applied, beyond the built-in five."),
     S("application_name_add_host", BOOL, "0", True, "Append ' - host:port' of the client to its application_name."),
-    # Authentication (client side)
-    S("auth_type", Enum("scram-sha-256", "md5", "plain", "trust", "hba", "cert", "any"), "scram-sha-256", True,
-      "How clients authenticate; see the authentication section."),
-    S("auth_file", STR, "", True, "userlist.txt-style file of user names and passwords or secrets."),
+    # TLS
+    S("client_tls_sslmode", TLS_MODE, "disable", True,
+      "TLS towards clients: disable, allow/prefer (accept TLS), require (refuse plaintext), "
+      "verify-ca/verify-full (also require a client certificate signed by client_tls_ca_file)."),
+    S("client_tls_cert_file", STR, "", True, "Certificate pgrelay presents to clients (PEM)."),
+    S("client_tls_key_file", STR, "", True, "Private key of client_tls_cert_file (PEM)."),
+    S("client_tls_ca_file", STR, "", True, "CA certificates that sign client certificates (PEM)."),
+    S("client_tls_protocols", STR, "secure", True,
+      "TLS versions accepted from clients: secure (TLS 1.2 and 1.3), all, or a list such as tlsv1.3."),
+    S("client_tls_ciphers", STR, "default", True, "OpenSSL cipher list for clients (TLS 1.2 and below)."),
+    S("server_tls_sslmode", TLS_MODE, "prefer", True,
+      "TLS towards servers: disable, allow/prefer (use TLS if offered), require, verify-ca, verify-full."),
+    S("server_tls_ca_file", STR, "", True, "CA certificates that sign server certificates (PEM); "
+      "empty means the system's store for verify-ca/verify-full."),
+    S("server_tls_cert_file", STR, "", True, "Client certificate pgrelay presents to servers (PEM)."),
+    S("server_tls_key_file", STR, "", True, "Private key of server_tls_cert_file (PEM)."),
+    S("server_tls_protocols", STR, "secure", True, "TLS versions used towards servers (as client_tls_protocols)."),
+    S("server_tls_ciphers", STR, "default", True, "OpenSSL cipher list for servers (TLS 1.2 and below)."),
+    S("scram_iterations", Int(1), "4096", True,
+      "PBKDF2 iterations for SCRAM verifiers pgrelay derives from plaintext auth_file passwords."),
     # Plugins
     S("plugins", LIST, "", False, "Extra plugin modules or .py files to load after the installed ones."),
     S("disable_plugins", LIST, "", False, "Plugin names (as --list-plugins shows them) not to load."),
@@ -216,13 +233,7 @@ PLANNED_SETTINGS: list[Setting] = [
     planned("service_name", STR, "pgbouncer", "Windows service name.", reload=False),
     planned("job_name", STR, "pgbouncer", "Alias of service_name.", reload=False),
     planned("max_prepared_statements", INT, "200", "Protocol-level prepared statements tracked per server in transaction mode."),
-    planned("scram_iterations", INT, "4096", "Iterations when computing SCRAM secrets."),
-    planned("auth_hba_file", STR, "", "pg_hba.conf-style file for auth_type=hba."),
     planned("auth_ident_file", STR, "", "Ident map file."),
-    planned("auth_user", STR, "", "User that runs auth_query."),
-    planned("auth_query", STR, "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
-            "FROM pg_authid WHERE rolname=$1 AND rolcanlogin", "Query that looks up a user's secret."),
-    planned("auth_dbname", STR, "", "Database auth_query runs in."),
     planned("auth_ldap_options", STR, "", "LDAP options."),
     planned("syslog", BOOL, "0", "Log to syslog."),
     planned("syslog_ident", STR, "pgbouncer", "Program name in syslog."),
@@ -240,21 +251,9 @@ PLANNED_SETTINGS: list[Setting] = [
     planned("resolv_conf", STR, "", "Custom resolv.conf.", reload=False),
     planned("query_wait_notify", SECONDS, "5", "Notice a queued client after this wait."),
     planned("login_notify_message", STR, "", "Notice sent to clients at login."),
-    planned("client_tls_sslmode", STR, "disable", "TLS mode towards clients."),
-    planned("client_tls_key_file", STR, "", "TLS private key for clients."),
-    planned("client_tls_cert_file", STR, "", "TLS certificate for clients."),
-    planned("client_tls_ca_file", STR, "", "CA that signs client certificates."),
-    planned("client_tls_protocols", STR, "secure", "TLS versions towards clients."),
-    planned("client_tls_ciphers", STR, "default", "TLS ciphers towards clients."),
     planned("client_tls13_ciphers", STR, "", "TLS 1.3 suites towards clients."),
     planned("client_tls_ecdhcurve", STR, "auto", "ECDH curve towards clients."),
     planned("client_tls_dheparams", STR, "auto", "DHE parameters towards clients."),
-    planned("server_tls_sslmode", STR, "prefer", "TLS mode towards servers."),
-    planned("server_tls_ca_file", STR, "", "CA that signs server certificates."),
-    planned("server_tls_key_file", STR, "", "TLS private key towards servers."),
-    planned("server_tls_cert_file", STR, "", "TLS certificate towards servers."),
-    planned("server_tls_protocols", STR, "secure", "TLS versions towards servers."),
-    planned("server_tls_ciphers", STR, "default", "TLS ciphers towards servers."),
     planned("server_tls13_ciphers", STR, "", "TLS 1.3 suites towards servers."),
     planned("query_timeout", SECONDS, "0", "Disconnect queries running longer than this."),
     planned("transaction_timeout", SECONDS, "0", "Disconnect transactions open longer than this."),

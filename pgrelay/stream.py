@@ -8,6 +8,7 @@ this object, its socket and two watchers.
 from __future__ import annotations
 
 import socket
+import ssl
 
 from gevent import get_hub
 from gevent.hub import Waiter
@@ -16,6 +17,8 @@ from . import protocol
 from .errors import ClientGone, ProtocolViolation
 
 RECV_SIZE = 65536
+# What a non-blocking recv/send raises when it would block, with or without TLS.
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Stream:
@@ -46,8 +49,11 @@ class Stream:
         while True:
             try:
                 data = self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 self._wait(self.rw)
+                continue
+            except ssl.SSLWantWriteError:
+                self._wait(self.ww)
                 continue
             except OSError as exc:
                 raise ClientGone(f"read failed: {exc.strerror or exc}") from None
@@ -76,12 +82,52 @@ class Stream:
         while view:
             try:
                 sent = self.sock.send(view)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError):
                 self._wait(self.ww)
+                continue
+            except ssl.SSLWantReadError:
+                self._wait(self.rw)
                 continue
             except OSError as exc:
                 raise ClientGone(f"write failed: {exc.strerror or exc}") from None
             view = view[sent:]
+
+    def peek_byte(self) -> int:
+        """The next byte without consuming it (to spot a direct-TLS ClientHello); waits as needed."""
+        if self.rbuf:
+            return self.rbuf[0]
+        while True:
+            try:
+                data = self.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                self._wait(self.rw)
+                continue
+            except OSError as exc:
+                raise ClientGone(f"read failed: {exc.strerror or exc}") from None
+            if not data:
+                raise ClientGone("unexpected eof")
+            return data[0]
+
+    def start_tls(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None) -> None:
+        """Wrap the socket in TLS and complete the handshake (greenlet only).
+
+        Bytes already read ahead would be plaintext from before the handshake: refusing them is
+        the CVE-2021-3935 fix, so the caller must check `rbuf` is empty first.
+        """
+        from .tls import handshake
+        assert not self.rbuf, "plaintext read ahead before TLS"
+        self.sock = context.wrap_socket(self.sock, server_side=server_side, do_handshake_on_connect=False,
+                                        server_hostname=server_hostname)
+        try:
+            handshake(self.sock, self.rw, self.ww)
+        except ssl.SSLError as exc:
+            raise ClientGone(f"TLS handshake failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise ClientGone(f"TLS handshake failed: {exc.strerror or exc}") from None
+
+    @property
+    def tls(self) -> bool:
+        return isinstance(self.sock, ssl.SSLSocket)
 
     def try_send(self, data: bytes) -> None:
         """Best-effort write that never waits: for final error messages before a close."""

@@ -16,7 +16,7 @@ BUILTIN_HOOKS = {
     "local_pooler": ["pgrelay_route_client"],
     "limits": ["pgrelay_check_client_limits"],
     "errors": ["pgrelay_translate_error"],
-    "auth": ["pgrelay_choose_auth_method", "pgrelay_configure", "pgrelay_get_credentials"],
+    "auth": ["pgrelay_add_settings", "pgrelay_choose_auth_method", "pgrelay_configure", "pgrelay_get_credentials"],
 }
 
 ROUTING_PLUGIN = '''

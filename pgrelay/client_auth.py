@@ -1,0 +1,147 @@
+"""Runs a client's authentication exchange (trust, cert, cleartext, md5, SCRAM-SHA-256[-PLUS]).
+
+Policy (which method, which secret, whether a cleartext password is good) comes from hooks;
+this module only speaks the protocol. Every failure, including an unknown user, ends with the
+same message and SQLSTATE as a wrong password.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import ssl
+from typing import TYPE_CHECKING
+
+from . import protocol
+from .auth import (SCRAM_MECHANISM, SCRAM_PLUS_MECHANISM, ScramError, ScramSecret, ScramServer, md5_expected,
+                   mock_salt, verify_plain)
+from .errors import INVALID_AUTHORIZATION, INVALID_PASSWORD, ProtocolViolation, Reject, RejectError
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .relay import Relay
+    from .routing import Login
+
+# PostgreSQL's limit on an authentication message (PG_MAX_AUTH_TOKEN_LENGTH).
+MAX_AUTH_MESSAGE = 65535
+METHODS = ("trust", "any", "plain", "password", "md5", "scram-sha-256", "cert")
+
+
+def failed(user: str) -> RejectError:
+    return RejectError(Reject(f'password authentication failed for user "{user}"', INVALID_PASSWORD))
+
+
+def _auth_request(code: int, payload: bytes = b"") -> bytes:
+    return protocol.message(b"R", protocol.pack_i32(code) + payload)
+
+
+def _read_password_message(client: "ClientConnection") -> bytes:
+    kind, body = client.stream.read_message(MAX_AUTH_MESSAGE + 4)
+    if kind != ord("p"):
+        if kind == 0:
+            raise ProtocolViolation("client re-sent startup pkt during authentication")
+        raise ProtocolViolation(f"expected password response, got message type {chr(kind)!r}"
+                                if 32 < kind < 127 else f"expected password response, got 0x{kind:02x}")
+    return body
+
+
+def authenticate(relay: "Relay", client: "ClientConnection", login: "Login", method: str) -> None:
+    """Authenticate `client` with `method`; raises RejectError on any failure."""
+    user = login.user
+    if method in ("trust", "any"):
+        return
+    if method == "cert":
+        _cert(client, user)
+    elif method in ("plain", "password"):
+        _cleartext(relay, client, login)
+    elif method == "md5":
+        _md5(relay, client, login)
+    elif method == "scram-sha-256":
+        _scram(relay, client, login)
+    else:
+        raise RejectError(Reject(f"authentication method {method!r} is not supported", INVALID_AUTHORIZATION))
+
+
+def _cert(client: "ClientConnection", user: str) -> None:
+    sock = client.stream.sock
+    cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+    if not cert:
+        raise RejectError(Reject(f'certificate authentication failed for user "{user}"', INVALID_AUTHORIZATION))
+    common_names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    if user not in common_names:
+        raise RejectError(Reject(f'certificate authentication failed for user "{user}"', INVALID_AUTHORIZATION,
+                                 detail="The certificate's common name does not match the user name."))
+
+
+def _cleartext(relay: "Relay", client: "ClientConnection", login: "Login") -> None:
+    client.stream.sendall(_auth_request(3))
+    body = _read_password_message(client)
+    if not body or body[-1] != 0 or b"\x00" in body[:-1]:
+        raise ProtocolViolation("malformed password packet")
+    try:
+        password = body[:-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise failed(login.user) from None
+    if not password:
+        raise failed(login.user)  # PostgreSQL refuses empty passwords too
+    verdict = relay.check_password(login, password)
+    if verdict is None:
+        verdict = verify_plain(password, relay.get_credentials(login, login.user), login.user)
+    if not verdict:
+        raise failed(login.user)
+
+
+def _md5(relay: "Relay", client: "ClientConnection", login: "Login") -> None:
+    salt = os.urandom(4)
+    secret = relay.get_credentials(login, login.user)
+    if secret is not None and ScramSecret.parse(secret) is not None:
+        _scram(relay, client, login, secret)  # as in PostgreSQL: md5 means SCRAM for SCRAM secrets
+        return
+    client.stream.sendall(_auth_request(5, salt))
+    body = _read_password_message(client)
+    expected = md5_expected(secret, login.user, salt)
+    answer = body[:-1] if body.endswith(b"\x00") else body
+    if expected is None or len(answer) != 35 or not hmac.compare_digest(answer, expected):
+        raise failed(login.user)
+
+
+def _scram(relay: "Relay", client: "ClientConnection", login: "Login", secret_text: str | None = None) -> None:
+    user = login.user
+    if secret_text is None:
+        secret_text = relay.get_credentials(login, user)
+    secret = None
+    if secret_text is not None:
+        secret = ScramSecret.parse(secret_text)
+        if secret is None and not (secret_text.startswith("md5") and len(secret_text) == 35) and secret_text:
+            secret = ScramSecret.from_password(secret_text, relay.scram_iterations,
+                                               mock_salt(relay.mock_key, "plain:" + user))
+    cbind = relay.client_tls.cbind if client.tls else None
+    mechanisms = [SCRAM_PLUS_MECHANISM, SCRAM_MECHANISM] if cbind is not None else [SCRAM_MECHANISM]
+    client.stream.sendall(_auth_request(10, b"".join(protocol.cstr(m) for m in mechanisms) + b"\x00"))
+    server = ScramServer(secret, mock_salt(relay.mock_key, user), relay.scram_iterations, cbind)
+    body = _read_password_message(client)
+    nul = body.find(b"\x00")
+    if nul <= 0 or nul + 5 > len(body):
+        raise ProtocolViolation("malformed SASLInitialResponse")
+    mechanism = body[:nul].decode("ascii", "replace")
+    length = protocol.unpack_i32(body, nul + 1)[0]
+    data = body[nul + 5:]
+    if length == 0xFFFFFFFF or length != len(data):
+        raise ProtocolViolation("SASLInitialResponse length does not match its data")
+    if mechanism not in mechanisms:
+        raise ProtocolViolation(f"client selected an invalid SASL authentication mechanism")
+    try:
+        server_first = server.first(mechanism, data)
+    except ScramError as exc:
+        raise ProtocolViolation(f"malformed SCRAM message: {exc}") from None
+    client.stream.sendall(_auth_request(11, server_first))
+    final = _read_password_message(client)
+    try:
+        server_final = server.final(final)
+    except ScramError as exc:
+        if "password authentication failed" in str(exc):
+            raise failed(user) from None
+        raise ProtocolViolation(f"malformed SCRAM message: {exc}") from None
+    client.stream.sendall(_auth_request(12, server_final))
+    if secret is not None and secret_text is not None and ScramSecret.parse(secret_text) is not None:
+        relay.remember_scram_keys(user, secret, server.client_key)
