@@ -27,7 +27,8 @@ POOL_SIZE = 20              # default_pool_size of the transaction-mode poolers
 SESSION_POOL_SIZE = 500     # default_pool_size of the session-mode poolers (prepared mode)
 MAX_CLIENT_CONN = 6000
 ROUNDS = 2
-WARMUP_CLIENTS = 100
+WARMUP_CLIENTS = 100       # idle clients logged in before the "before" RSS reading
+WARMUP_SECONDS = 2         # unmeasured pgbench run that connects a fresh pool's servers
 LOGIN_THREADS = 50
 USER = DATABASE = "postgres"
 HOW_TO_GET_PGBOUNCER = "pgbouncer not found: install it with `apt-get install pgbouncer`"
@@ -329,17 +330,32 @@ class Bench:
     def pooler(self, kind: str, pool_mode: str, pool_size: int) -> Pooler:
         return Pooler(kind, pool_mode, pool_size, self.workdir, self.pg.port, self.pgbouncer_bin, self.pg.owner)
 
+    def warm_up(self, port: int, mode: str, clients: int) -> None:
+        """An unmeasured pgbench run, so the pool's servers are connected before the measured one."""
+        run_pgbench(self.pgbench, port, mode, clients, WARMUP_SECONDS, None)
+
+    def start_transaction_poolers(self, stack: contextlib.ExitStack) -> None:
+        for kind in ("pgbouncer", "pgrelay"):
+            pooler = stack.enter_context(running(self.pooler(kind, "transaction", POOL_SIZE)))
+            self.warm_up(pooler.port, "simple", 2 * POOL_SIZE)
+            self.transaction_poolers[kind] = pooler
+
+    def stop_transaction_poolers(self) -> None:
+        while self.transaction_poolers:
+            self.transaction_poolers.popitem()[1].stop()
+
     @contextlib.contextmanager
-    def target(self, name: str, pool_mode: str):
-        """(port, pooler or None) of a target. Session-mode poolers run fresh for each run: their
-        SESSION_POOL_SIZE idle servers would otherwise hold on to max_connections."""
+    def target(self, name: str, cell: "Cell"):
+        """(port, pooler or None) of a target. Session-mode poolers run fresh, and warmed up, for
+        each run: their SESSION_POOL_SIZE idle servers would otherwise hold on to max_connections."""
         if name == "direct":
             yield self.pg.port, None
-        elif pool_mode == "transaction":
+        elif cell.pool_mode == "transaction":
             pooler = self.transaction_poolers[name]
             yield pooler.port, pooler
         else:
             with running(self.pooler(name, "session", SESSION_POOL_SIZE)) as pooler:
+                self.warm_up(pooler.port, cell.mode, cell.clients)
                 yield pooler.port, pooler
 
     def run_cell(self, mode: str, clients: int, duration: int) -> Cell:
@@ -347,7 +363,7 @@ class Bench:
         for round_ in range(1, ROUNDS + 1):
             for name in TARGETS:
                 wait_for_servers_to_leave(self.pg, 2 * POOL_SIZE + 5)
-                with self.target(name, cell.pool_mode) as (port, pooler):
+                with self.target(name, cell) as (port, pooler):
                     run = run_pgbench(self.pgbench, port, mode, clients, duration, pooler)
                 cell.keep(name, run)
                 progress(f"  {mode:<8} {clients:>4} clients, round {round_}/{ROUNDS}, {LABELS[name]:<9}: "
@@ -440,13 +456,36 @@ def idle_client_memory(pooler: Pooler, count: int) -> IdleMemory:
     return IdleMemory(pooler.kind, count, before, after)
 
 
+def wait_for_clients_to_leave(pooler: Pooler, timeout: float = 30) -> None:
+    """Let the pooler see its clients leave before it is stopped (else it warns about them)."""
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(f"/proc/{pooler.pid}/fd")) > POOL_SIZE + 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def measure_idle_memory(bench: Bench, count: int) -> dict[str, IdleMemory]:
     results = {}
     for kind in ("pgbouncer", "pgrelay"):
         with running(bench.pooler(kind, "transaction", POOL_SIZE)) as pooler:
             progress(f"  {LABELS[kind]}: {count} idle clients")
             results[kind] = idle_client_memory(pooler, count)
+            wait_for_clients_to_leave(pooler)
     return results
+
+
+# -- pooler logs -------------------------------------------------------------------------------------
+
+LOG_PROBLEMS = (" WARNING ", " ERROR ", " FATAL ", "Traceback (most recent call last)", "internal error")
+
+
+def log_problems(workdir: str) -> list[str]:
+    """Warning and error lines from the poolers' logs: a benchmark of a pooler in trouble means little."""
+    problems = []
+    for name in sorted(os.listdir(workdir)):
+        if name.endswith(".log"):
+            with open(os.path.join(workdir, name), errors="replace") as f:
+                problems += [f"{name}: {line.rstrip()}" for line in f if any(p in line for p in LOG_PROBLEMS)]
+    return problems
 
 
 # -- report -------------------------------------------------------------------------------------------
@@ -509,7 +548,8 @@ def check_targets(cells: list[Cell], memory: dict[str, IdleMemory]) -> list[tupl
     return checks
 
 
-def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory: dict[str, IdleMemory]) -> str:
+def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory: dict[str, IdleMemory],
+           problems: list[str]) -> str:
     checks = check_targets(cells, memory)
     verdict = {True: "MET", False: "NOT MET", None: "not measured"}
     lines = [
@@ -518,7 +558,9 @@ def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory:
         f"Poolers: transaction mode, default_pool_size={POOL_SIZE}, max_client_conn={MAX_CLIENT_CONN}, auth_type=trust, "
         f"127.0.0.1, no Unix socket, no connection logging.",
         f"prepared mode needs session pooling (named statements): it runs against a second PgBouncer and pgrelay in "
-        f"session mode with default_pool_size={SESSION_POOL_SIZE}, started fresh for each run, so clients are not starved.",
+        f"session mode with default_pool_size={SESSION_POOL_SIZE} so clients are not starved; these are started fresh "
+        f"for each run (their idle servers would exhaust max_connections={PG_SETTINGS['max_connections']}) and "
+        f"warmed up by an unmeasured {WARMUP_SECONDS} s pgbench run first.",
         f"Each cell ran {ROUNDS} rounds, targets interleaved (direct, PgBouncer, pgrelay); the best tps of each target "
         f"is kept (with its CPU) because the machine is shared and noisy.",
         "CPU s/10k tx: the pooler process's utime+stime during the run per 10,000 transactions.",
@@ -535,10 +577,12 @@ def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory:
     errors = [f"  {c.mode} {c.clients} clients: {e}" for c in cells for e in c.errors]
     if errors:
         lines += ["", "Failed runs:"] + errors
+    lines += ["", f"Pooler logs: {len(problems)} warning/error lines"] + [f"  {p}" for p in problems[:20]]
     return "\n".join(lines)
 
 
-def write_json(path: str, args: argparse.Namespace, cells: list[Cell], memory: dict[str, IdleMemory]) -> None:
+def write_json(path: str, args: argparse.Namespace, cells: list[Cell], memory: dict[str, IdleMemory],
+               problems: list[str]) -> None:
     data = {
         "duration": args.duration, "rounds": ROUNDS, "scale": PGBENCH_SCALE, "pool_size": POOL_SIZE,
         "session_pool_size": SESSION_POOL_SIZE,
@@ -548,6 +592,7 @@ def write_json(path: str, args: argparse.Namespace, cells: list[Cell], memory: d
         "idle_clients": {kind: dict(asdict(m), per_client=m.per_client) for kind, m in memory.items()},
         "targets": [{"target": name, "measured": measured, "met": met}
                     for name, measured, met in check_targets(cells, memory)],
+        "pooler_log_problems": problems,
     }
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
@@ -555,8 +600,14 @@ def write_json(path: str, args: argparse.Namespace, cells: list[Cell], memory: d
 
 # -- main ---------------------------------------------------------------------------------------------
 
-def _exit_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
+class Interrupted(BaseException):
+    """SIGTERM, handled like Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
 
 
 def benchmark(args: argparse.Namespace, stack: contextlib.ExitStack) -> str:
@@ -568,26 +619,28 @@ def benchmark(args: argparse.Namespace, stack: contextlib.ExitStack) -> str:
     pgbench = pgbench_path(pg)
     init_pgbench(pg, pgbench)
     bench = Bench(pg, pgbench, make_workdir(pg.owner, stack), pgbouncer_bin)
-    for kind in ("pgbouncer", "pgrelay"):
-        bench.transaction_poolers[kind] = stack.enter_context(running(bench.pooler(kind, "transaction", POOL_SIZE)))
+    bench.start_transaction_poolers(stack)
     progress(f"pgbench runs ({args.duration} s each):")
     cells = [bench.run_cell(mode, clients, args.duration) for mode in args.modes for clients in args.clients]
-    for kind in ("pgbouncer", "pgrelay"):
-        bench.transaction_poolers.pop(kind).stop()
+    bench.stop_transaction_poolers()
     progress("Idle clients:")
     memory = measure_idle_memory(bench, args.idle_clients)
+    problems = log_problems(bench.workdir)
     if args.json:
-        write_json(args.json, args, cells, memory)
-    return report(args, pg.version, cells, memory)
+        write_json(args.json, args, cells, memory, problems)
+    return report(args, pg.version, cells, memory, problems)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, _interrupt)
     stack = contextlib.ExitStack()
     atexit.register(stack.close)
     try:
         print(benchmark(args, stack), flush=True)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        progress("Interrupted: stopping the poolers and PostgreSQL, removing temporary files")
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     finally:
         stack.close()
     return 0
