@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from gevent import Timeout
@@ -40,7 +41,7 @@ class ClientConnection:
     __slots__ = ("relay", "id", "listener", "peer", "stream", "sock", "state", "server", "pool", "route",
                  "user", "database", "params", "pvals", "key", "skip", "carry", "open_batch", "pending", "pending_queries",
                  "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
-                 "close_reason", "__weakref__")
+                 "close_reason", "spec", "limits", "__weakref__")
 
     def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener"):
         self.relay = relay
@@ -70,6 +71,8 @@ class ClientConnection:
         self.max_length = min(relay.config.max_packet_size, PG_MAX_MESSAGE)
         self.tls = False
         self.close_reason = ""
+        self.spec = None             # the user name taken apart (role, cluster, suffix)
+        self.limits: tuple = ()      # client limits this client counts against
 
     def __repr__(self) -> str:
         return f"C-{self.id}"
@@ -95,6 +98,11 @@ class ClientConnection:
                 login = self._parse_startup(pairs)
                 if relay.client_tls.required and not self.tls:
                     raise RejectError(Reject("SSL required"))
+                spec = relay.parse_username(login)
+                if isinstance(spec, Reject):
+                    raise RejectError(spec)
+                login = replace(login, spec=spec)
+                self.spec = spec
                 if relay.config.log_connections:
                     log.info("%s login attempt: db=%s user=%s tls=%s", self.label, self.database, self.user,
                              "yes" if self.tls else "no")
@@ -105,8 +113,11 @@ class ClientConnection:
                 decision = relay.route_client(login)
                 if isinstance(decision, Reject):
                     raise RejectError(decision)
+                refusal = relay.admit(self, decision)
+                if refusal is not None:
+                    raise RejectError(refusal)
                 self.route = decision
-                self.pool = relay.get_pool(decision)
+                self.pool = relay.get_pool(decision, self)
                 welcome = self.pool.wait_welcome()
                 self._welcome(welcome)
         except (ClientGone, OSError) as exc:
@@ -189,6 +200,7 @@ class ClientConnection:
         relay = self.relay
         ignore = relay.ignored_startup_parameters
         tracked = relay.tracked_index
+        direct = self.listener.role == "direct"
         params: dict[str, str] = {}
         for key, value in pairs:
             lower = key.lower()
@@ -196,6 +208,9 @@ class ClientConnection:
                 self.user = value
             elif lower == "database":
                 self.database = value
+            elif direct:
+                # A direct connection has a server of its own: its startup parameters go there.
+                params[relay.tracked[tracked[lower]] if lower in tracked else key] = value
             elif lower == "options":
                 if lower in ignore:
                     continue
@@ -457,6 +472,41 @@ class ClientConnection:
 
     def stop_reading(self) -> None:
         self.stream.rw.stop()
+
+    # -- failing queries without leaving --------------------------------------------------------
+
+    def fail_pending(self, error: Reject) -> None:
+        """No server could be had for the queued bytes: fail their queries, or disconnect."""
+        if self.state != CL_WAITING:
+            self.disconnect(error.message, error)
+            return
+        if self.pool.mode and self.pending_queries and self.at_boundary():
+            queries = self.pending_queries
+            self.pending = b""
+            self.pending_queries = 0
+            change_client_state(self, CL_IDLE)
+            self.fail_queries(replace(error, severity="ERROR"), queries)
+            self.start_reading()
+        else:
+            self.disconnect(error.message, error)
+
+    def fail_queries(self, error: Reject, count: int) -> None:
+        """Answer `count` outstanding queries with an ERROR each and ReadyForQuery, staying connected."""
+        if self.relay.config.log_pooler_errors:
+            log.warning("%s pooler error: %s", self.label, error.message)
+        reply = (error.encode() + protocol.READY_IDLE) * max(count, 1)
+        if self.out is not None:
+            self.out += reply
+            return
+        try:
+            sent = self.sock.send(reply)
+        except WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self.disconnect("client write failed")
+            return
+        if sent != len(reply):
+            self.backlog(reply[sent:], None)
 
     # -- leaving -------------------------------------------------------------------------------
 

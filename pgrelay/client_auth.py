@@ -27,6 +27,10 @@ MAX_AUTH_MESSAGE = 65535
 METHODS = ("trust", "any", "plain", "password", "md5", "scram-sha-256", "cert")
 
 
+def role(login: "Login") -> str:
+    return login.spec.role if login.spec is not None else login.user
+
+
 def failed(user: str) -> RejectError:
     return RejectError(Reject(f'password authentication failed for user "{user}"', INVALID_PASSWORD))
 
@@ -46,8 +50,11 @@ def _read_password_message(client: "ClientConnection") -> bytes:
 
 
 def authenticate(relay: "Relay", client: "ClientConnection", login: "Login", method: str) -> None:
-    """Authenticate `client` with `method`; raises RejectError on any failure."""
-    user = login.user
+    """Authenticate `client` with `method`; raises RejectError on any failure.
+
+    The role authenticated is `login.spec.role` (the user name without cluster or suffix).
+    """
+    user = role(login)
     if method in ("trust", "any"):
         return
     if method == "cert":
@@ -81,32 +88,42 @@ def _cleartext(relay: "Relay", client: "ClientConnection", login: "Login") -> No
     try:
         password = body[:-1].decode("utf-8")
     except UnicodeDecodeError:
-        raise failed(login.user) from None
+        raise failed(role(login)) from None
+    user = role(login)
     if not password:
-        raise failed(login.user)  # PostgreSQL refuses empty passwords too
+        raise failed(user)  # PostgreSQL refuses empty passwords too
     verdict = relay.check_password(login, password)
     if verdict is None:
-        verdict = verify_plain(password, relay.get_credentials(login, login.user), login.user)
+        verdict = verify_plain(password, relay.get_credentials(login, user), user)
     if not verdict:
-        raise failed(login.user)
+        raise failed(user)
 
 
 def _md5(relay: "Relay", client: "ClientConnection", login: "Login") -> None:
     salt = os.urandom(4)
-    secret = relay.get_credentials(login, login.user)
+    user = role(login)
+    secret = relay.get_credentials(login, user)
     if secret is not None and ScramSecret.parse(secret) is not None:
         _scram(relay, client, login, secret)  # as in PostgreSQL: md5 means SCRAM for SCRAM secrets
         return
     client.stream.sendall(_auth_request(5, salt))
     body = _read_password_message(client)
-    expected = md5_expected(secret, login.user, salt)
+    expected = md5_expected(secret, user, salt)
     answer = body[:-1] if body.endswith(b"\x00") else body
     if expected is None or len(answer) != 35 or not hmac.compare_digest(answer, expected):
-        raise failed(login.user)
+        raise failed(user)
+
+
+def _scram_failure(exc: ScramError) -> Exception:
+    """Channel-binding failures are authorization errors as PostgreSQL reports them; the rest are
+    malformed messages."""
+    if "channel binding" in str(exc):
+        return RejectError(Reject(str(exc), INVALID_AUTHORIZATION))
+    return ProtocolViolation(f"malformed SCRAM message: {exc}")
 
 
 def _scram(relay: "Relay", client: "ClientConnection", login: "Login", secret_text: str | None = None) -> None:
-    user = login.user
+    user = role(login)
     if secret_text is None:
         secret_text = relay.get_credentials(login, user)
     secret = None
@@ -133,7 +150,7 @@ def _scram(relay: "Relay", client: "ClientConnection", login: "Login", secret_te
     try:
         server_first = server.first(mechanism, data)
     except ScramError as exc:
-        raise ProtocolViolation(f"malformed SCRAM message: {exc}") from None
+        raise _scram_failure(exc) from None
     client.stream.sendall(_auth_request(11, server_first))
     final = _read_password_message(client)
     try:
@@ -141,7 +158,7 @@ def _scram(relay: "Relay", client: "ClientConnection", login: "Login", secret_te
     except ScramError as exc:
         if "password authentication failed" in str(exc):
             raise failed(user) from None
-        raise ProtocolViolation(f"malformed SCRAM message: {exc}") from None
+        raise _scram_failure(exc) from None
     client.stream.sendall(_auth_request(12, server_final))
     if secret is not None and secret_text is not None and ScramSecret.parse(secret_text) is not None:
         relay.remember_scram_keys(user, secret, server.client_key)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .client import ClientConnection
     from .errors import Reject
     from .relay import Relay
-    from .routing import Database, HostAddr, Login, Route
+    from .routing import Database, HostAddr, Login, Route, UserSpec
     from .server import ServerConnection
     from .settings import SettingsRegistry
 
@@ -122,11 +122,29 @@ def pgrelay_check_password(relay: "Relay", login: "Login", password: str) -> "bo
 # -- routing ----------------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
-def pgrelay_find_database(relay: "Relay", name: str) -> "Database | None":
-    """Resolve a client-side database name to its definition.
+def pgrelay_parse_username(relay: "Relay", login: "Login") -> "UserSpec | Reject | None":
+    """Take a login user name apart into the server role, a cluster and a suffix.
 
-    :returns: a ``Database``, or None if unknown to this plugin. The built-in
-        default reads ``[databases]``, including the ``*`` fallback entry.
+    :param login: ``login.user`` is the name as sent (``role``, ``role|suffix``, ``role.cluster``,
+        ``role.cluster|suffix``; libpq's ``%7C`` arrives already decoded as ``|``);
+        ``login.listener`` tells which port it came in on.
+    :returns: a ``UserSpec``, a Reject for a malformed name (``user|``, ``user||x``, a name too
+        long, a suffix where the listener allows none), or None to let the next plugin decide.
+        The built-in default splits ``|suffix`` always and ``.cluster`` when
+        ``cluster_usernames`` is on.
+
+    Called from: ``Relay.parse_username``, during login, before authentication; authentication
+    and routing then see the result as ``login.spec`` (and authenticate ``login.spec.role``).
+    """
+
+
+@hookspec(firstresult=True)
+def pgrelay_find_database(relay: "Relay", name: str, cluster: "str | None") -> "Database | None":
+    """Resolve a client-side database name (in a cluster, for ``role.cluster`` user names).
+
+    :returns: a ``Database``, or None if unknown to this plugin. The built-in defaults read
+        ``[databases]`` (with the ``*`` fallback entry) when ``cluster`` is None, and ``[clusters]``
+        (the client's database name on that cluster's hosts) otherwise.
 
     Called from: ``Relay.find_database``, used by routing plugins.
     """
@@ -145,12 +163,18 @@ def pgrelay_route_client(relay: "Relay", login: "Login") -> "Route | Reject | No
 
 
 @hookspec(firstresult=True)
-def pgrelay_choose_host(relay: "Relay", route: "Route", hosts: "tuple[HostAddr, ...]") -> "HostAddr | None":
-    """Pick the server address for a new server connection among a route's hosts.
+def pgrelay_choose_host(relay: "Relay", route: "Route", hosts: "tuple[HostAddr, ...]") -> "HostAddr | Reject | None":
+    """Pick the address for a new server connection of ``route``.
 
-    :returns: one of ``hosts``, or None for the default (round robin).
+    :param hosts: the candidates: ``route.hosts`` (where the primary is) followed by
+        ``route.replicas``; ``route.target`` says whether the primary or a replica is wanted.
+    :returns: one of ``hosts``, a Reject when none is usable (e.g. no healthy replica: the
+        waiting clients get it), or None to let the next plugin decide. The built-in default
+        finds the primary among several hosts with ``pg_is_in_recovery()``, balances replicas
+        round robin or by least connections, and leaves out replicas that are down or lag.
 
-    Called from: ``Relay.choose_host``, each time a pool opens a server connection.
+    Called from: ``Relay.choose_host``, in the login greenlet of each new server connection
+    (so it may block briefly, e.g. for a first health check).
     """
 
 

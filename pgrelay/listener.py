@@ -41,21 +41,20 @@ class Listeners:
 
     def start(self) -> None:
         config = self.relay.config
-        port = config.listen_port
-        info = Listener(name="main", addr=",".join(config.listen_addr), port=port)
         errors = []
-        for addr in config.listen_addr:
-            try:
-                for family, sockaddr in _resolve(addr, port):
-                    self._bind_tcp(family, sockaddr, info)
-            except OSError as exc:
-                errors.append(f"{addr}:{port}: {exc.strerror or exc}")
-        if config.unix_socket_dir:
-            path = os.path.join(config.unix_socket_dir, f".s.PGSQL.{port}")
-            try:
-                self._bind_unix(path, info)
-            except OSError as exc:
-                errors.append(f"{path}: {exc.strerror or exc}")
+        for info, addrs in listener_specs(config):
+            for addr in addrs:
+                try:
+                    for family, sockaddr in _resolve(addr, info.port):
+                        self._bind_tcp(family, sockaddr, info)
+                except OSError as exc:
+                    errors.append(f"{addr}:{info.port}: {exc.strerror or exc}")
+            if config.unix_socket_dir:
+                path = os.path.join(config.unix_socket_dir, f".s.PGSQL.{info.port}")
+                try:
+                    self._bind_unix(path, info)
+                except OSError as exc:
+                    errors.append(f"{path}: {exc.strerror or exc}")
         for error in errors:
             log.warning("could not listen on %s", error)
         if not self.bound:
@@ -72,7 +71,7 @@ class Listeners:
         except OSError:
             sock.close()
             raise
-        log.info("listening on %s", _format_addr(sockaddr))
+        log.info("listening on %s (%s)", _format_addr(sockaddr), _describe(info))
         self._watch(sock, info, None)
 
     def _bind_unix(self, path: str, info: Listener) -> None:
@@ -94,7 +93,7 @@ class Listeners:
         except OSError:
             sock.close()
             raise
-        log.info("listening on unix:%s", path)
+        log.info("listening on unix:%s (%s)", path, _describe(info))
         self._watch(sock, info, path)
 
     def _watch(self, sock, info: Listener, unix_path: str | None) -> None:
@@ -149,6 +148,40 @@ class Listeners:
                 except OSError:
                     pass
         self.bound = []
+
+
+def listener_specs(config) -> list[tuple[Listener, tuple[str, ...]]]:
+    """The main listener plus the [listeners] entries, validated; raises ConfigError naming the line."""
+    from .config import parse_connstr
+    from .settings import LISTENER_KEYS
+    specs = [(Listener(name="main", addr=",".join(config.listen_addr), port=config.listen_port),
+              tuple(config.listen_addr))]
+    ports = {config.listen_port: "listen_port"}
+    keys = {k.name: k for k in LISTENER_KEYS}
+    for entry in config.section("listeners"):
+        values = {k.name: k.default_value for k in LISTENER_KEYS}
+        for key, text in parse_connstr(entry.value, entry.where).items():
+            if key not in keys:
+                raise ConfigError(f"{entry.where}: unknown option '{key}' in [listeners] entry {entry.key!r}")
+            try:
+                values[key] = keys[key].parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"{entry.where}: {key}: {exc}") from None
+        if not values["port"]:
+            raise ConfigError(f"{entry.where}: listener {entry.key!r} needs port=")
+        if values["port"] in ports:
+            raise ConfigError(f"{entry.where}: port {values['port']} is already used by {ports[values['port']]}")
+        ports[values["port"]] = entry.key
+        addrs = values["addr"] or tuple(config.listen_addr)
+        specs.append((Listener(name=entry.key, addr=",".join(addrs), port=values["port"],
+                               pool_mode=values["pool_mode"] or None, role=values["role"],
+                               suffixes=values["suffixes"]), addrs))
+    return specs
+
+
+def _describe(info: Listener) -> str:
+    mode = f", {info.pool_mode} pooling" if info.pool_mode else ""
+    return f"{info.name}: {info.role}{mode}"
 
 
 def _resolve(addr: str, port: int):

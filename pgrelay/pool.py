@@ -49,10 +49,11 @@ class PoolStats:
 class Pool:
     """Servers that share one route key, and the clients waiting for them (first in, first out)."""
 
-    def __init__(self, relay: "Relay", route: Route):
+    def __init__(self, relay: "Relay", route: Route, key=None):
         self.relay = relay
-        self.key = route.pool_key
+        self.key = route.pool_key if key is None else key
         self.name = route.name
+        self.per_client = route.per_client
         self.idle: list[ServerConnection] = []  # LIFO: the most recently used server is reused first
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.servers: set[ServerConnection] = set()
@@ -98,12 +99,17 @@ class Pool:
             wanted = max(wanted, 1)
         wanted = max(wanted, self.route.min_pool_size - len(self.servers))
         while wanted > 0 and (self.size == 0 or len(self.servers) < self.size):
+            if self.route.server_limits and not self.relay.server_room(self):
+                return  # a server limit of the group is reached; group_changed() calls back
             self.relay.launch_server(self)
             wanted -= 1
 
     def add_server(self, server: "ServerConnection") -> None:
         self.servers.add(server)
         self.logging_in += 1
+        server.limit_keys = tuple(limit.key for limit in self.route.server_limits if limit.maximum)
+        for key in server.limit_keys:
+            self.relay.server_counts[key] += 1
 
     def server_ready(self, server: "ServerConnection") -> None:
         """A server finished logging in: remember its parameters for welcomes, then hand it out."""
@@ -119,7 +125,7 @@ class Pool:
     def server_login_failed(self, server: "ServerConnection", error: ServerError) -> None:
         """A login failed: waiting clients get the server's error, unless it is temporary (57P03)."""
         self.logging_in -= 1
-        self.servers.discard(server)
+        self._forget(server)
         self.stats.server_login_failures += 1
         reject = error.reject()
         if reject.sqlstate == CANNOT_CONNECT_NOW:
@@ -131,7 +137,7 @@ class Pool:
             result, self.welcome_result = self.welcome_result, AsyncResult()
             result.set_exception(error)
         for client in list(self.waiting):
-            client.disconnect("server login failed", reject)
+            client.fail_pending(reject)
 
     def cached_login_error(self) -> Reject:
         error = self.login_error or Reject("server login failed")
@@ -161,6 +167,8 @@ class Pool:
             client.take_server(server)
             return
         change_server_state(server, SV_IDLE)
+        if self.route.server_limits:
+            self.relay.group_changed(self)
 
     def release(self, server: "ServerConnection") -> None:
         """Unlink a server from its client at the end of a transaction (or session) and recycle it."""
@@ -177,9 +185,17 @@ class Pool:
             self.give(server)
 
     def remove(self, server: "ServerConnection") -> None:
-        self.servers.discard(server)
+        self._forget(server)
         if self.waiting:
             self.launch_if_needed()
+        if self.route.server_limits:
+            self.relay.group_changed(self)
+
+    def _forget(self, server: "ServerConnection") -> None:
+        if server in self.servers:
+            self.servers.discard(server)
+            for key in server.limit_keys:
+                self.relay.server_counts[key] -= 1
 
 
 def link(client: "ClientConnection", server: "ServerConnection", state: int = SV_ACTIVE) -> None:

@@ -20,11 +20,12 @@ from . import client_auth, logs
 from .auth import ScramClient, ScramSecret
 from .config import Config, load_config
 from .errors import ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
-from .listener import Listeners
+from .listener import Listeners, listener_specs
 from .plugins import make_plugin_manager
 from .pool import CL_CLOSED, SV_ACTIVE, Pool
 from .protocol import quote_literal
-from .routing import Database, HostAddr, Login, Route
+from .health import HealthMonitor
+from .routing import Database, HostAddr, Login, Route, UserSpec
 from .settings import SettingsRegistry, core_registry
 from .tls import client_tls, server_tls
 
@@ -55,6 +56,10 @@ class Relay:
         self.shutting_down = False
         self.stopped = Event()
         self.listeners = Listeners(self)
+        self.health = HealthMonitor(self)
+        self.client_counts: collections.Counter = collections.Counter()  # ClientLimit key -> clients
+        self.server_counts: collections.Counter = collections.Counter()  # ServerLimit key -> servers
+        self.server_groups: dict[Any, set[Pool]] = collections.defaultdict(set)
         self.mock_key = secrets.token_bytes(32)  # salts mock SCRAM exchanges for unknown users
         self.scram_keys: dict[str, tuple[ScramSecret, bytes]] = {}  # user -> (verifier, ClientKey)
         self._janitor = None
@@ -66,6 +71,7 @@ class Relay:
         config = self.config
         self.client_tls = client_tls(config)
         self.server_tls = server_tls(config)
+        listener_specs(config)  # validate [listeners] now, with file and line
         self.scram_iterations = config.scram_iterations
         self.tracked = BUILTIN_TRACKED + tuple(p for p in config.track_extra_parameters
                                                if p.lower() not in {t.lower() for t in BUILTIN_TRACKED})
@@ -86,6 +92,7 @@ class Relay:
                 f.write(f"{os.getpid()}\n")
         self._janitor = Janitor(self)
         self._janitor.start()
+        self.health.start()
         self.hook.pgrelay_startup(relay=self)
         log.info("process up: pgrelay %s, gevent %s", _version(), gevent.__version__)
 
@@ -161,6 +168,7 @@ class Relay:
                 server.close("pooler is shutting down")
         if self._janitor:
             self._janitor.stop()
+        self.health.stop()
         if self.config.pidfile:
             try:
                 os.unlink(self.config.pidfile)
@@ -191,6 +199,26 @@ class Relay:
         self.clients.pop(client.id, None)
         if client.key and self.cancel_keys.get(client.key) is client:
             del self.cancel_keys[client.key]
+        for limit in client.limits:
+            self.client_counts[limit.key] -= 1
+            if not self.client_counts[limit.key]:
+                del self.client_counts[limit.key]
+        client.limits = ()
+        pool = client.pool
+        if pool is not None and pool.per_client:
+            for server in list(pool.servers):
+                server.close("direct client left")
+            self.pools.pop(pool.key, None)
+
+    def admit(self, client, route: Route) -> Reject | None:
+        """Count the client against its route's client limits, or say which limit refuses it."""
+        for limit in route.client_limits:
+            if limit.maximum and self.client_counts[limit.key] >= limit.maximum:
+                return Reject(limit.message, limit.sqlstate)
+        for limit in route.client_limits:
+            self.client_counts[limit.key] += 1
+        client.limits = route.client_limits
+        return None
 
     def cancel(self, key: bytes) -> None:
         """A CancelRequest: forward it only to the server currently running this client's query."""
@@ -201,20 +229,53 @@ class Relay:
         if server is not None and server.state == SV_ACTIVE:
             server.forward_cancel()
 
-    def get_pool(self, route: Route) -> Pool:
-        pool = self.pools.get(route.pool_key)
+    def get_pool(self, route: Route, client=None) -> Pool:
+        """The pool for a route; a per-client route gets a pool of its own, removed when it leaves."""
+        key = (route.pool_key, client.id) if route.per_client and client is not None else route.pool_key
+        pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[route.pool_key] = Pool(self, route)
+            pool = self.pools[key] = Pool(self, route, key)
+            for limit in route.server_limits:
+                if limit.maximum:
+                    self.server_groups[limit.key].add(pool)
         elif pool.route != route:
             pool.configure(route)
         return pool
 
     def launch_server(self, pool: Pool) -> None:
         from .server import ServerConnection
-        host = self.choose_host(pool)
-        server = ServerConnection(self, pool, host)
+        server = ServerConnection(self, pool)
         pool.add_server(server)
         gevent.spawn(server.login)
+
+    def server_room(self, pool: Pool) -> bool:
+        """Whether `pool` may open another server under its server limits, evicting an idle server
+        of another pool in the same group if that makes room."""
+        for limit in pool.route.server_limits:
+            if limit.maximum and self.server_counts[limit.key] >= limit.maximum:
+                if not self._evict_idle(limit.key, pool):
+                    return False
+        return True
+
+    def _evict_idle(self, key, wanting: Pool) -> bool:
+        for other in self.server_groups.get(key, ()):
+            if other is not wanting and other.idle:
+                other.idle[0].close("evicted to make room for another pool of its group")
+                return True
+        return False
+
+    def group_changed(self, pool: Pool) -> None:
+        """A server of `pool`'s groups closed or went idle: let waiting pools of those groups launch."""
+        for limit in pool.route.server_limits:
+            for other in list(self.server_groups.get(limit.key, ())):
+                if other is not pool and other.waiting:
+                    other.launch_if_needed()
+
+    def hosts_changed(self) -> None:
+        """A host changed role or came back: retry failed logins now rather than after server_login_retry."""
+        for pool in list(self.pools.values()):
+            pool.login_error = None
+            pool.launch_if_needed()
 
     def tracked_values(self, defaults: dict[str, str], overrides: dict[str, str] | None = None) -> tuple:
         """Tracked parameter values in `tracked` order: the client's own, else the server's."""
@@ -290,8 +351,12 @@ class Relay:
     def check_password(self, login: Login, password: str) -> bool | None:
         return self.hook.pgrelay_check_password(relay=self, login=login, password=password)
 
-    def find_database(self, name: str) -> Database | None:
-        return self.hook.pgrelay_find_database(relay=self, name=name)
+    def parse_username(self, login: Login) -> UserSpec | Reject:
+        spec = self.hook.pgrelay_parse_username(relay=self, login=login)
+        return UserSpec(login.user) if spec is None else spec
+
+    def find_database(self, name: str, cluster: str | None = None) -> Database | None:
+        return self.hook.pgrelay_find_database(relay=self, name=name, cluster=cluster)
 
     def route_client(self, login: Login) -> Route | Reject:
         decision = self.hook.pgrelay_route_client(relay=self, login=login)
@@ -299,11 +364,12 @@ class Relay:
             return Reject(f"no such database: {login.database}")
         return decision
 
-    def choose_host(self, pool: Pool) -> HostAddr:
-        hosts = pool.route.hosts
-        chosen = self.hook.pgrelay_choose_host(relay=self, route=pool.route, hosts=hosts)
+    def choose_host(self, pool: Pool) -> HostAddr | Reject:
+        route = pool.route
+        hosts = route.hosts + tuple(r for r in route.replicas if r not in route.hosts)
+        chosen = self.hook.pgrelay_choose_host(relay=self, route=route, hosts=hosts)
         if chosen is None:
-            chosen = hosts[pool.next_host % len(hosts)]
+            chosen = route.hosts[pool.next_host % len(route.hosts)]
             pool.next_host += 1
         return chosen
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Hashable, Mapping
 
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
+PRIMARY, REPLICA = "primary", "replica"
+DIRECT, POOLED = "direct", "pooled"
 
 
 @dataclass(frozen=True)
@@ -25,13 +27,23 @@ class HostAddr:
 
 @dataclass(frozen=True)
 class Listener:
-    """A listening endpoint as hooks see it: its name and what it is for."""
+    """A listening endpoint as hooks see it: its name, its role (direct or pooled), its pool mode."""
 
     name: str
     addr: str
     port: int
     pool_mode: str | None = None
-    role: str = "pooled"
+    role: str = POOLED
+    suffixes: bool = True
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    """A login user name taken apart: the role, the cluster (`role.cluster`), the suffix (`role|suffix`)."""
+
+    role: str
+    cluster: str | None = None
+    suffix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class Login:
     database: str
     params: Mapping[str, str] = field(default_factory=dict)
     tls: bool = False
+    spec: UserSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,26 @@ class Database:
     pool_mode: str | None = None
     connect_query: str = ""
     server_params: tuple[tuple[str, str], ...] = ()
+    replicas: tuple[HostAddr, ...] = ()
+    cluster: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientLimit:
+    """At most `maximum` clients at once among routes sharing `key`; past it, `reject` is sent."""
+
+    key: Hashable
+    maximum: int
+    message: str
+    sqlstate: str = "53300"
+
+
+@dataclass(frozen=True)
+class ServerLimit:
+    """At most `maximum` server connections at once among pools sharing `key` (0 = no limit)."""
+
+    key: Hashable
+    maximum: int
 
 
 @dataclass(frozen=True)
@@ -68,7 +101,10 @@ class Route:
     """Where a client's queries go: the pool (by key) and how its servers log in.
 
     Pools are shared by every client whose route has the same `pool_key`. `reuse=False` makes
-    a direct connection: the server is opened for one client and closed with it.
+    a direct connection: the server is opened for one client and closed with it; `per_client`
+    gives each client a pool of its own (removed when it leaves), so its startup parameters can
+    go to its server. `target` tells host selection whether `hosts` hold the primary or the
+    route wants one of `replicas`.
     """
 
     pool_key: Hashable
@@ -83,3 +119,8 @@ class Route:
     connect_query: str = ""
     server_params: tuple[tuple[str, str], ...] = ()
     reuse: bool = True
+    target: str = PRIMARY
+    replicas: tuple[HostAddr, ...] = ()
+    client_limits: tuple[ClientLimit, ...] = ()
+    server_limits: tuple[ServerLimit, ...] = ()
+    per_client: bool = False

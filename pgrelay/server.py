@@ -14,13 +14,13 @@ from . import protocol, server_login
 from .errors import ProtocolViolation, Reject, ServerError
 from .pool import (MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
                    SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_server_state)
+from .routing import HostAddr
 from .stream import RECV_SIZE, WOULD_BLOCK, Stream
 
 if TYPE_CHECKING:
     from .client import ClientConnection
     from .pool import Pool
     from .relay import Relay
-    from .routing import HostAddr
 
 log = logging.getLogger("pgrelay.server")
 
@@ -36,13 +36,14 @@ class ServerConnection:
     __slots__ = ("relay", "pool", "id", "addr", "stream", "sock", "state", "client", "expect", "txstatus",
                  "skip", "carry", "pvals", "params", "key", "connect_time", "idle_since", "cancels",
                  "close_reason", "out", "paused", "paused_by", "swallow", "sync_data", "sync_queries",
-                 "sync_error", "__weakref__")
+                 "sync_error", "limit_keys", "__weakref__")
 
-    def __init__(self, relay: "Relay", pool: "Pool", addr: "HostAddr"):
+    def __init__(self, relay: "Relay", pool: "Pool"):
         self.relay = relay
         self.pool = pool
         self.id = next(_ids)
-        self.addr = addr
+        self.addr: HostAddr | None = None  # chosen when logging in
+        self.limit_keys: tuple = ()
         self.stream: Stream | None = None
         self.sock = None
         self.state = SV_LOGIN
@@ -80,8 +81,8 @@ class ServerConnection:
         route = self.pool.route
         try:
             with Timeout(self.relay.config.server_connect_timeout or None,
-                         ServerError(f"server connect timeout to {self.addr}")):
-                self.stream = server_login.connect(self.relay, self.addr)
+                         ServerError(f"server connect timeout ({route.name})")):
+                self._choose_and_connect(route)
                 self.sock = self.stream.sock
                 password = route.server_password
                 if password is None:
@@ -110,6 +111,26 @@ class ServerConnection:
         self.start_reading()
         self.relay.server_connected(self)
         self.pool.server_ready(self)
+
+    def _choose_and_connect(self, route) -> None:
+        """Pick the host (the hook may refuse) and connect; with several hosts, a refused connection
+        triggers a fresh health check and one more choice (a failover may just have happened)."""
+        for attempt in (1, 2):
+            chosen = self.relay.choose_host(self.pool)
+            if isinstance(chosen, Reject):
+                raise ServerError(chosen.message, {"S": "FATAL", "C": chosen.sqlstate, "M": chosen.message,
+                                                   **({"H": chosen.hint} if chosen.hint else {}),
+                                                   **({"D": chosen.detail} if chosen.detail else {})})
+            self.addr = chosen
+            try:
+                self.stream = server_login.connect(self.relay, chosen)
+                return
+            except ServerError:
+                candidates = route.hosts + route.replicas
+                if attempt == 2 or len(candidates) < 2:
+                    raise
+                for addr in candidates:
+                    self.relay.health.check(addr)
 
     def _discard(self) -> None:
         self.state = SV_CLOSED
@@ -373,10 +394,24 @@ class ServerConnection:
                 and not self.carry and self.skip == 0)
 
     def lost(self, reason: str) -> None:
-        """The server failed under us: close it, and tell its client with PgBouncer's text."""
+        """The server failed under us: close it and tell its client.
+
+        In transaction and statement pooling, when nothing was cut mid-message and queries were
+        in flight, the client gets an ERROR and ReadyForQuery for each of them and stays connected
+        (its next transaction gets another server, e.g. after a failover). Otherwise the client is
+        disconnected with PgBouncer's "server conn crashed?".
+        """
         client = self.client
+        expect, txstatus = self.expect, self.txstatus
+        clean_cut = not self.skip and not self.carry and self.state == SV_ACTIVE
         self.close(reason)
-        if client is not None:
+        if client is None:
+            return
+        if client.pool.mode and clean_cut and expect > 0 and client.at_boundary() and client.out is None:
+            error = Reject(f"server connection lost: {reason}", "08006", severity="ERROR",
+                           hint="The transaction was rolled back; retry it.")
+            client.fail_queries(error, expect)
+        else:
             client.disconnect("server conn crashed?", Reject("server conn crashed?"))
 
     def close(self, reason: str) -> None:

@@ -211,6 +211,13 @@ CORE_SETTINGS: list[Setting] = [
     S("server_tls_ciphers", STR, "default", True, "OpenSSL cipher list for servers (TLS 1.2 and below)."),
     S("scram_iterations", Int(1), "4096", True,
       "PBKDF2 iterations for SCRAM verifiers pgrelay derives from plaintext auth_file passwords."),
+    # Server health (hosts of multi-host databases and replicas)
+    S("health_check_period", SECONDS, "2", True,
+      "Seconds between health checks of hosts that have several roles to choose from (primary, replicas)."),
+    S("health_check_timeout", SECONDS, "3", True, "A host that does not answer a health check within this is down."),
+    S("health_check_user", STR, "postgres", True,
+      "User for health checks (pg_is_in_recovery(), replication lag); its password comes from auth_file."),
+    S("health_check_dbname", STR, "postgres", True, "Database health checks connect to."),
     # Plugins
     S("plugins", LIST, "", False, "Extra plugin modules or .py files to load after the installed ones."),
     S("disable_plugins", LIST, "", False, "Plugin names (as --list-plugins shows them) not to load."),
@@ -270,11 +277,30 @@ PLANNED_SETTINGS: list[Setting] = [
 ]
 
 
+LISTENER_KEYS = [
+    Setting("port", Int(1), "", False, "TCP port (also names its Unix socket).", section="listeners"),
+    Setting("addr", LIST, "", False, "Addresses to listen on; default: listen_addr.", section="listeners"),
+    Setting("role", Enum("direct", "pooled"), "pooled", False,
+            "direct: each client gets its own server connection; pooled: the local pooler and dedicated poolers.",
+            section="listeners"),
+    Setting("pool_mode", Enum("", "session", "transaction", "statement"), "", False,
+            "Pool mode of this port's pools, overriding [users], [databases] and the global setting.",
+            section="listeners"),
+    Setting("suffixes", BOOL, "1", False, "Whether user names may carry a |suffix on this port.",
+            section="listeners"),
+]
+
+
 def core_registry() -> SettingsRegistry:
     registry = SettingsRegistry()
     for setting in PLANNED_SETTINGS + CORE_SETTINGS:
         registry.add(setting)
     registry.add_section("pgbouncer", "pgrelay's own settings (also accepted as [pgrelay]).")
+    registry.add_section("listeners", "Extra listening ports, one line each: name = port=N role=direct|pooled "
+                                      "[pool_mode=...] [addr=...] [suffixes=0]. The main listener is listen_addr:listen_port, "
+                                      "role pooled.")
+    for setting in LISTENER_KEYS:
+        registry.add(setting)
     return registry
 
 

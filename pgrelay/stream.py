@@ -120,6 +120,8 @@ class Stream:
                                         server_hostname=server_hostname)
         try:
             handshake(self.sock, self.rw, self.ww)
+        except ssl.SSLCertVerificationError as exc:
+            raise ClientGone(f"TLS handshake failed: certificate verify failed: {exc.verify_message}") from None
         except ssl.SSLError as exc:
             raise ClientGone(f"TLS handshake failed: {exc.reason or exc}") from None
         except OSError as exc:
@@ -154,6 +156,11 @@ class Stream:
             self._close_socket()
 
     def _close_socket(self) -> None:
+        if isinstance(self.sock, ssl.SSLSocket):
+            try:
+                self.sock.unwrap()  # sends close_notify; the peer's reply is not awaited
+            except (OSError, ValueError):
+                pass
         try:
             self.sock.close()
         except OSError:

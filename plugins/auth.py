@@ -124,8 +124,9 @@ def pgrelay_choose_auth_method(relay, login):
         return hba.choose(state(relay).rules or [], login)
     if method == "trust" and config.auth_file:
         # PgBouncer: with trust, the user must still be listed in auth_file.
-        if login.user not in state(relay).users:
-            return Reject(f'password authentication failed for user "{login.user}"', INVALID_PASSWORD)
+        role = login.spec.role if login.spec else login.user
+        if role not in state(relay).users:
+            return Reject(f'password authentication failed for user "{role}"', INVALID_PASSWORD)
     return method
 
 

@@ -27,7 +27,12 @@ DATABASE_KEYS = [
     Setting("datestyle", STR, "", True, "DateStyle requested from the server at login.", section="databases"),
     Setting("timezone", STR, "", True, "TimeZone requested from the server at login.", section="databases"),
     Setting("application_name", STR, "", True, "application_name used for server logins.", section="databases"),
+    Setting("replicas", LIST, "", True,
+            "Replica servers as host or host:port, comma-separated; reached with the |replica suffix and "
+            "by dedicated replica poolers.", section="databases"),
 ]
+CLUSTER_KEYS = [Setting(k.name, k.type, k.default, k.reload, k.doc, section="clusters")
+                for k in DATABASE_KEYS if k.name != "dbname"]
 PLANNED_DATABASE_KEYS = {"auth_user", "auth_query", "auth_dbname", "reserve_pool", "reserve_pool_size",
                          "max_db_connections", "max_db_client_connections", "server_lifetime",
                          "query_wait_timeout", "load_balance_hosts", "target_session_attrs"}
@@ -52,8 +57,21 @@ def default_socket_dir() -> str:
     return "/var/run/postgresql" if os.path.isdir("/var/run/postgresql") else "/tmp"
 
 
-def parse_database(entry, warnings: list[str]) -> Database:
-    keys = {k.name: k for k in DATABASE_KEYS}
+def _parse_hosts(text_hosts, default_port: int, where: str) -> tuple[HostAddr, ...]:
+    out = []
+    for item in text_hosts:
+        host, colon, port = item.rpartition(":") if not item.startswith("/") else (item, "", "")
+        if not colon:
+            host, port = item, str(default_port)
+        try:
+            out.append(HostAddr(host, int(port)))
+        except ValueError:
+            raise ConfigError(f"{where}: bad replica address {item!r} (use host or host:port)") from None
+    return tuple(out)
+
+
+def parse_database(entry, warnings: list[str], cluster: bool = False) -> Database:
+    keys = {k.name: k for k in (CLUSTER_KEYS if cluster else DATABASE_KEYS)}
     raw = parse_connstr(entry.value, entry.where)
     values = {}
     for key, text in raw.items():
@@ -61,7 +79,8 @@ def parse_database(entry, warnings: list[str]) -> Database:
             warnings.append(f"{entry.where}: database option '{key}' is not implemented by pgrelay yet and is ignored")
             continue
         if key not in keys:
-            raise ConfigError(f"{entry.where}: unknown database option '{key}' in [databases] entry {entry.key!r}")
+            kind, section = ("cluster", "clusters") if cluster else ("database", "databases")
+            raise ConfigError(f"{entry.where}: unknown {kind} option '{key}' in [{section}] entry {entry.key!r}")
         try:
             values[key] = keys[key].parse(text)
         except ValueError as exc:
@@ -77,9 +96,11 @@ def parse_database(entry, warnings: list[str]) -> Database:
     if len(ports) == 1:
         ports = ports * len(hosts)
     server_params = tuple((SERVER_PARAM_KEYS[k], values[k]) for k in SERVER_PARAM_KEYS if values.get(k))
+    replicas = _parse_hosts(values.get("replicas", ()), ports[0], entry.where)
     return Database(
         name=entry.key, hosts=tuple(HostAddr(h, p) for h, p in zip(hosts, ports)),
-        dbname=values.get("dbname") or ("" if entry.key == "*" else entry.key),
+        dbname="" if cluster else (values.get("dbname") or ("" if entry.key == "*" else entry.key)),
+        replicas=replicas, cluster=entry.key if cluster else None,
         user=values.get("user") or None, password=values.get("password") or None,
         pool_size=values.get("pool_size"), min_pool_size=values.get("min_pool_size"),
         pool_mode=values.get("pool_mode") or None, connect_query=values.get("connect_query", ""),
@@ -107,6 +128,7 @@ def parse_user(entry, warnings: list[str]) -> UserSettings:
 class Tables:
     databases: dict
     users: dict
+    clusters: dict
 
 
 def tables(relay) -> Tables:
@@ -121,7 +143,9 @@ def user_settings(relay, user: str) -> UserSettings:
 def pgrelay_add_settings(settings):
     settings.add_section("databases", "One line per database: name = libpq-style key=value options.")
     settings.add_section("users", "One line per user: name = key=value options.")
-    for key in DATABASE_KEYS + USER_KEYS:
+    settings.add_section("clusters", "One line per cluster (role.cluster user names): name = the [databases] "
+                                     "options but dbname; clients pick the database.")
+    for key in DATABASE_KEYS + USER_KEYS + CLUSTER_KEYS:
         settings.add(key)
 
 
@@ -135,19 +159,29 @@ def pgrelay_configure(relay):
             raise ConfigError(f"{entry.where}: database {entry.key!r} is defined twice")
         databases[entry.key] = parse_database(entry, warnings)
     users = {entry.key: parse_user(entry, warnings) for entry in relay.config.section("users")}
+    clusters = {}
+    for entry in relay.config.section("clusters"):
+        if entry.key in clusters:
+            raise ConfigError(f"{entry.where}: cluster {entry.key!r} is defined twice")
+        clusters[entry.key] = parse_database(entry, warnings, cluster=True)
     for warning in warnings:
         logging.getLogger("pgrelay").warning("%s", warning)
-    relay.plugin_data["databases"] = Tables(databases, users)
+    relay.plugin_data["databases"] = Tables(databases, users, clusters)
 
 
 @hookimpl(trylast=True)
-def pgrelay_find_database(relay, name):
+def pgrelay_find_database(relay, name, cluster):
+    from dataclasses import replace
+    if cluster is not None:
+        definition = tables(relay).clusters.get(cluster)
+        if definition is None:
+            return None
+        return replace(definition, name=f"{name}@{cluster}", dbname=name)
     table = tables(relay).databases
     db = table.get(name)
     if db is not None:
         return db
     fallback = table.get("*")
     if fallback is not None:
-        from dataclasses import replace
         return replace(fallback, name=name, dbname=fallback.dbname or name)
     return None

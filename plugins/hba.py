@@ -63,6 +63,7 @@ def parse_hba(path: str) -> list[Rule]:
 def choose(rules: list[Rule], login) -> str | Reject:
     """The first matching rule's method; no match (or `reject`) refuses like PostgreSQL does."""
     local = login.peer == "unix"
+    user = login.spec.role if login.spec else login.user
     host = None if local else login.peer.rsplit(":", 1)[0].strip("[]")
     for rule in rules:
         if rule.kind == "local" and not local:
@@ -72,9 +73,9 @@ def choose(rules: list[Rule], login) -> str | Reject:
         if rule.kind == "hostssl" and not login.tls or rule.kind == "hostnossl" and login.tls:
             continue
         if not ("all" in rule.databases or login.database in rule.databases
-                or ("sameuser" in rule.databases and login.database == login.user)):
+                or ("sameuser" in rule.databases and login.database == user)):
             continue
-        if not ("all" in rule.users or login.user in rule.users):
+        if not ("all" in rule.users or user in rule.users):
             continue
         if rule.network is not None:
             try:
@@ -82,10 +83,13 @@ def choose(rules: list[Rule], login) -> str | Reject:
                     continue
             except ValueError:
                 continue
+        encryption = "SSL encryption" if login.tls else "no encryption"
         if rule.method == "reject":
-            break
+            where = "local connection" if local else f'host "{host}"'
+            return Reject(f'pg_hba.conf rejects connection for {where}, user "{user}", database '
+                          f'"{login.database}", {encryption}', INVALID_AUTHORIZATION)
         return rule.method
     encryption = "SSL encryption" if login.tls else "no encryption"
     where = "local connection" if local else f'host "{host}"'
-    return Reject(f'no pg_hba.conf entry for {where}, user "{login.user}", database "{login.database}", '
+    return Reject(f'no pg_hba.conf entry for {where}, user "{user}", database "{login.database}", '
                   f"{encryption}", INVALID_AUTHORIZATION)

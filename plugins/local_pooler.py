@@ -1,33 +1,40 @@
-"""The local pooler: each client goes to the (database, user) pool of its database, in the configured mode."""
+"""The local pooler: clients on a pooled port without a pooler suffix, pooled to the primary."""
 
 from __future__ import annotations
 
 from pgrelay import hookimpl
-from pgrelay.errors import INVALID_CATALOG_NAME, Reject
-from pgrelay.routing import Route
+from pgrelay.errors import Reject
+from pgrelay.routing import POOLED, REPLICA
+from pgrelay.settings import BOOL, Setting
 
-from .databases import user_settings
+from . import routes
+
+SETTINGS = [
+    Setting("local_pooler_replicas", BOOL, "0", True,
+            "Let |replica on a pooled port pool to the replicas, instead of refusing it with a hint."),
+]
+
+
+@hookimpl
+def pgrelay_add_settings(settings):
+    for setting in SETTINGS:
+        settings.add(setting)
 
 
 @hookimpl(trylast=True)
 def pgrelay_route_client(relay, login):
-    db = relay.find_database(login.database)
-    if db is None:
-        return Reject(f"no such database: {login.database}", INVALID_CATALOG_NAME)
-    user = user_settings(relay, login.user)
-    config = relay.config
-    server_user = db.user or login.user
-    pool_size = next(v for v in (db.pool_size, user.pool_size, config.default_pool_size) if v is not None)
-    return Route(
-        pool_key=(login.database, server_user),
-        name=f"{login.database}/{server_user}",
-        hosts=db.hosts,
-        dbname=db.dbname,
-        server_user=server_user,
-        server_password=db.password,
-        pool_mode=user.pool_mode or db.pool_mode or config.pool_mode,
-        pool_size=pool_size,
-        min_pool_size=db.min_pool_size if db.min_pool_size is not None else config.min_pool_size,
-        connect_query=db.connect_query,
-        server_params=db.server_params,
-    )
+    if login.listener.role != POOLED:
+        return None
+    suffix = login.spec.suffix if login.spec else None
+    if suffix not in (None, "replica"):
+        return None  # a dedicated pooler's name
+    db = routes.resolve(relay, login)
+    if isinstance(db, Reject):
+        return db
+    if suffix == "replica":
+        if not relay.config.local_pooler_replicas:
+            return Reject("the local pooler only connects to the primary; |replica is not accepted on this port",
+                          hint='Pool to replicas with a dedicated replica pooler (user "role|<pooler name>"), '
+                               'or connect to the direct port with "role|replica".')
+        return routes.build(relay, login, db, "local", target=REPLICA)
+    return routes.build(relay, login, db, "local")

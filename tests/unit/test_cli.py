@@ -12,16 +12,21 @@ import pytest
 
 from pgrelay import __version__
 from pgrelay.cli import split_args
+from pgrelay.plugins import BUILTIN_PLUGINS
 from pgrelay.plugins import make_plugin_manager
 from pgrelay.settings import core_registry
 from pgrelay.tempdb import free_port
 
 BUILTIN_HOOKS = {
     "databases": "pgrelay_add_settings, pgrelay_configure, pgrelay_find_database",
-    "local_pooler": "pgrelay_route_client",
+    "local_pooler": "pgrelay_add_settings, pgrelay_route_client",
     "limits": "pgrelay_check_client_limits",
     "errors": "pgrelay_translate_error",
     "auth": "pgrelay_add_settings, pgrelay_choose_auth_method, pgrelay_configure, pgrelay_get_credentials",
+    "usernames": "pgrelay_add_settings, pgrelay_parse_username",
+    "hosts": "pgrelay_add_settings, pgrelay_choose_host, pgrelay_configure",
+    "direct": "pgrelay_add_settings, pgrelay_route_client",
+    "dedicated_poolers": "pgrelay_add_settings, pgrelay_configure, pgrelay_route_client",
 }
 
 
@@ -119,7 +124,7 @@ def test_help_mentions_section_keys_declared_by_plugins(help_text):
                 missing.append(f"[{section}] {setting.name}")
             elif setting.default and f"{setting.default}" not in flat:
                 missing.append(f"[{section}] {setting.name} default {setting.default}")
-    assert registry.section_keys.keys() == {"databases", "users"}
+    assert registry.section_keys.keys() == {"databases", "users", "clusters", "listeners", "poolers"}
     assert missing == [], f"--help does not document: {missing}"
 
 
@@ -181,7 +186,7 @@ def test_list_plugins(tmp_path, pg):
         assert hooks_line.strip().startswith("hooks: ")
         listed[name] = hooks_line.strip()[len("hooks: "):]
     assert listed == BUILTIN_HOOKS
-    assert [line.split()[0] for line in lines[::2]] == ["auth", "errors", "limits", "local_pooler", "databases"]
+    assert [line.split()[0] for line in lines[::2]] == list(reversed(BUILTIN_PLUGINS))
 
 
 # -- configuration errors ----------------------------------------------------------------------

@@ -13,10 +13,14 @@ from pgrelay.relay import Relay
 
 BUILTIN_HOOKS = {
     "databases": ["pgrelay_add_settings", "pgrelay_configure", "pgrelay_find_database"],
-    "local_pooler": ["pgrelay_route_client"],
+    "local_pooler": ["pgrelay_add_settings", "pgrelay_route_client"],
     "limits": ["pgrelay_check_client_limits"],
     "errors": ["pgrelay_translate_error"],
     "auth": ["pgrelay_add_settings", "pgrelay_choose_auth_method", "pgrelay_configure", "pgrelay_get_credentials"],
+    "usernames": ["pgrelay_add_settings", "pgrelay_parse_username"],
+    "hosts": ["pgrelay_add_settings", "pgrelay_choose_host", "pgrelay_configure"],
+    "direct": ["pgrelay_add_settings", "pgrelay_route_client"],
+    "dedicated_poolers": ["pgrelay_add_settings", "pgrelay_configure", "pgrelay_route_client"],
 }
 
 ROUTING_PLUGIN = '''
@@ -71,7 +75,8 @@ def test_fresh_manager_each_call():
 def test_builtins_registered_in_order():
     pm = make_plugin_manager()
     assert names(pm) == list(BUILTIN_PLUGINS)
-    assert BUILTIN_PLUGINS == ("databases", "local_pooler", "limits", "errors", "auth")
+    assert BUILTIN_PLUGINS == ("databases", "local_pooler", "limits", "errors", "auth", "usernames", "hosts",
+                               "direct", "dedicated_poolers")
     for name in BUILTIN_PLUGINS:
         assert pm.get_plugin(name).__name__ == f"pgrelay_plugins.{name}"
 
@@ -98,7 +103,7 @@ def test_extra_plugin_from_module_name(tmp_path, monkeypatch):
         assert pm.get_plugin(module).__name__ == module
         # Called before the built-in local pooler.
         impls = pm.hook.pgrelay_route_client.get_hookimpls()
-        assert [i.plugin_name for i in reversed(impls)] == [module, "local_pooler"]
+        assert [i.plugin_name for i in reversed(impls)] == [module, "local_pooler", "direct", "dedicated_poolers"]
     finally:
         sys.modules.pop(module, None)
 
@@ -132,7 +137,7 @@ def test_extra_plugin_module_via_relay_flag(tmp_path, monkeypatch):
 
 def test_disabled_plugins_not_loaded(tmp_path):
     pm = make_plugin_manager(disabled=["limits", "errors"])
-    assert names(pm) == ["databases", "local_pooler", "auth"]
+    assert names(pm) == [n for n in BUILTIN_PLUGINS if n not in ("limits", "errors")]
     assert pm.get_plugin("limits") is None
     assert pm.is_blocked("limits") and pm.is_blocked("errors")
     assert pm.hook.pgrelay_check_client_limits.get_hookimpls() == []
@@ -141,7 +146,7 @@ def test_disabled_plugins_not_loaded(tmp_path):
     pm = make_plugin_manager(extra=[str(plugin)], disabled=[str(plugin)])
     assert names(pm) == list(BUILTIN_PLUGINS)
     relay = Relay(write_config(tmp_path, "disable_plugins = local_pooler\n"), env={})
-    assert names(relay.pm) == ["databases", "limits", "errors", "auth"]
+    assert names(relay.pm) == [n for n in BUILTIN_PLUGINS if n != "local_pooler"]
     # With no routing plugin the core refuses every client.
     assert relay.route_client(login("appdb")).message == "no such database: appdb"
 
@@ -192,4 +197,4 @@ def test_describe_plugins(tmp_path):
 def test_describe_plugins_leaves_out_disabled():
     """describe_plugins lists registered plugins only; a disabled one is not loaded, so not listed."""
     rows = describe_plugins(make_plugin_manager(disabled=["limits"]))
-    assert [name for name, _, _ in rows] == ["auth", "errors", "local_pooler", "databases"]
+    assert [name for name, _, _ in rows] == [n for n in reversed(BUILTIN_PLUGINS) if n != "limits"]
