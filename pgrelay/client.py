@@ -530,7 +530,9 @@ class ClientConnection:
                 self.stream.try_send(data)
         server = self.server
         if server is not None:
-            if server.is_clean() and self.at_boundary() and server.pool.reuse:
+            if not server.pool.reuse:
+                server.close("direct client left")
+            elif server.is_clean() and self.at_boundary():
                 server.pool.release(server)
             else:
                 server.close("client disconnect while server was not ready")

@@ -278,7 +278,7 @@ PLANNED_SETTINGS: list[Setting] = [
 
 
 LISTENER_KEYS = [
-    Setting("port", Int(1), "", False, "TCP port (also names its Unix socket).", section="listeners"),
+    Setting("port", Int(0), "0", False, "TCP port (also names its Unix socket); required.", section="listeners"),
     Setting("addr", LIST, "", False, "Addresses to listen on; default: listen_addr.", section="listeners"),
     Setting("role", Enum("direct", "pooled"), "pooled", False,
             "direct: each client gets its own server connection; pooled: the local pooler and dedicated poolers.",

@@ -228,6 +228,29 @@ class TempPostgres:
         except OSError:
             return ""
 
+    # -- replication ---------------------------------------------------------------------------
+
+    def make_replica(self, name: str = "replica", port: int | None = None) -> "TempPostgres":
+        """A streaming standby of this (running) server, made with pg_basebackup -R, started."""
+        replica = TempPostgres(bindir=self.bindir, port=port, settings=dict(self.settings), base_dir=self.base,
+                               name=name)
+        replica.socket_dir = self.socket_dir
+        if self.owner:
+            os.makedirs(replica.datadir, mode=0o700, exist_ok=True)
+            os.chown(replica.datadir, *self.owner)
+        self.run(self._cmd("pg_basebackup"), "-D", replica.datadir, "-R", "-X", "stream", "-c", "fast",
+                 "-h", self.socket_dir, "-p", str(self.port), "-U", self.user)
+        with open(os.path.join(replica.datadir, "postgresql.conf"), "a") as f:
+            f.write(f"\nport = {replica.port}\nhot_standby = on\n")
+        os.chmod(replica.datadir, 0o700)
+        return replica.start()
+
+    def promote(self) -> None:
+        self.run(self._cmd("pg_ctl"), "-D", self.datadir, "-w", "promote")
+
+    def in_recovery(self) -> bool:
+        return self.psql("SELECT pg_is_in_recovery()") == "t"
+
     # -- talking to it ---------------------------------------------------------------------------
 
     def dsn(self, dbname: str = "postgres", user: str | None = None, **extra: str) -> str:
