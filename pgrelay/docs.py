@@ -26,14 +26,19 @@ def full_registry() -> SettingsRegistry:
     return Relay.declared_settings(make_plugin_manager())
 
 
+def _rst(text: str) -> str:
+    """Plain text made safe for reStructuredText (a bare | starts a substitution)."""
+    return text.replace("|", "\\|")
+
+
 def _entry(setting: Setting) -> list[str]:
     default = f"``{setting.default}``" if setting.default != "" else "empty"
-    flags = [setting.type.name, f"default {default}"]
+    flags = [_rst(setting.type.name), f"default {default}"]
     if not setting.reload:
         flags.append("restart to change")
     if setting.planned:
         flags.append("planned: accepted with a warning, not yet implemented")
-    return [f"``{setting.name}`` ({', '.join(flags)})", f"    {setting.doc}", ""]
+    return [f"``{setting.name}`` ({', '.join(flags)})", f"    {_rst(setting.doc)}", ""]
 
 
 def render_settings(registry: SettingsRegistry) -> list[str]:
@@ -54,7 +59,7 @@ def render_sections(registry: SettingsRegistry) -> list[str]:
         lines += [f"``[{section}]`` keys", "^" * (len(section) + 11), ""]
         doc = registry.sections.get(section)
         if doc:
-            lines += [doc, ""]
+            lines += [_rst(doc), ""]
         for setting in keys.values():
             lines += _entry(setting)
     return lines

@@ -74,3 +74,38 @@ def make_relay(tmp_path, pg):
 def relay(make_relay) -> RelayProcess:
     """pgrelay in transaction mode in front of the session's PostgreSQL (every database via *)."""
     return make_relay()
+
+
+class Replicated:
+    """A primary and its streaming standby (pg_basebackup -R), for routing and failover tests."""
+
+    def __init__(self, primary: TempPostgres, standby: TempPostgres):
+        self.primary = primary
+        self.standby = standby
+
+    def wait_caught_up(self, timeout: float = 30) -> None:
+        """Wait until the standby has replayed everything the primary has written."""
+        import time
+        lsn = self.primary.psql("SELECT pg_current_wal_lsn()")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = self.standby.psql(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn")
+            if done == "t":
+                return
+            time.sleep(0.05)
+        raise AssertionError("standby did not catch up")
+
+
+@pytest.fixture(scope="module")
+def replicated(request):
+    """A fresh primary + standby per test module (tests may promote or stop them)."""
+    primary = TempPostgres(settings={"max_connections": "300", "wal_level": "replica",
+                                     "synchronous_commit": "on", "fsync": "off"}).start()
+    try:
+        standby = primary.make_replica()
+    except BaseException:
+        primary.cleanup()
+        raise
+    yield Replicated(primary, standby)
+    standby.stop("immediate")
+    primary.cleanup()

@@ -1,0 +1,60 @@
+"""README.rst is the manual: its generated reference is current and it documents every setting and hook."""
+
+import inspect
+import os
+import re
+
+from pgrelay import docs, hookspecs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.rst")
+
+
+def readme() -> str:
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_generated_sections_are_current():
+    text = readme()
+    assert docs.rewrite(text) == text, "README.rst is stale: run `python -m pgrelay.docs README.rst`"
+
+
+def test_every_setting_and_section_key_is_documented():
+    text = readme()
+    registry = docs.full_registry()
+    for setting in registry:
+        assert f"``{setting.name}``" in text, setting.name
+    for section, keys in registry.section_keys.items():
+        assert f"``[{section}]`` keys" in text, section
+        for name in keys:
+            assert f"``{name}``" in text, (section, name)
+
+
+def test_every_hook_is_documented_with_its_signature():
+    text = readme()
+    hooks = [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("pgrelay_")]
+    assert len(hooks) >= 18
+    for name in hooks:
+        signature = str(inspect.signature(getattr(hookspecs, name))).replace("'", "").replace('"', "")
+        assert f"``{name}{signature}``" in text, name
+
+
+def test_two_setup_commands_and_ci_uses_the_readme_test_command():
+    text = readme()
+    assert "    pip install '.[demo]' && pgrelay demo\n" in text
+    test_command = "pip install -e '.[test]' && python -m pytest"
+    assert f"    {test_command}\n" in text
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    # .ci/run extracts the command from README.rst, so the two cannot drift apart.
+    assert "README.rst" in ci and re.search(r"grep -m1 .*pip install -e", ci)
+
+
+def test_example_plugins_in_readme_compile():
+    """Every Python example that defines a hook implementation is valid Python."""
+    blocks = re.findall(r"::\n\n((?:    .*\n|\n)+)", readme())
+    examples = [inspect.cleandoc("\n" + block) for block in blocks if "@hookimpl" in block]
+    assert len(examples) >= 4
+    for example in examples:
+        compile(example, "<README example>", "exec")
