@@ -40,12 +40,15 @@ def _auth_request(code: int, payload: bytes = b"") -> bytes:
 
 
 def _read_password_message(client: "ClientConnection") -> bytes:
-    kind, body = client.stream.read_message(MAX_AUTH_MESSAGE + 4)
+    # The type byte is checked before the length is trusted, as PostgreSQL does: a StartupMessage
+    # here would otherwise have its version read as a length and the login would stall.
+    kind = client.stream.peek_byte()
     if kind != ord("p"):
         if kind == 0:
             raise ProtocolViolation("client re-sent startup pkt during authentication")
         raise ProtocolViolation(f"expected password response, got message type {chr(kind)!r}"
                                 if 32 < kind < 127 else f"expected password response, got 0x{kind:02x}")
+    kind, body = client.stream.read_message(MAX_AUTH_MESSAGE + 4)
     return body
 
 
@@ -94,9 +97,11 @@ def _cleartext(relay: "Relay", client: "ClientConnection", login: "Login") -> No
         raise failed(user)  # PostgreSQL refuses empty passwords too
     verdict = relay.check_password(login, password)
     if verdict is None:
-        verdict = verify_plain(password, relay.get_credentials(login, user), user)
+        secret = relay.get_credentials(login, user)
+        verdict = verify_plain(password, secret, user)
     if not verdict:
         raise failed(user)
+    relay.remember_secret(user, password)
 
 
 def _md5(relay: "Relay", client: "ClientConnection", login: "Login") -> None:
@@ -112,6 +117,7 @@ def _md5(relay: "Relay", client: "ClientConnection", login: "Login") -> None:
     answer = body[:-1] if body.endswith(b"\x00") else body
     if expected is None or len(answer) != 35 or not hmac.compare_digest(answer, expected):
         raise failed(user)
+    relay.remember_secret(user, secret)
 
 
 def _scram_failure(exc: ScramError) -> Exception:
@@ -160,5 +166,6 @@ def _scram(relay: "Relay", client: "ClientConnection", login: "Login", secret_te
             raise failed(user) from None
         raise _scram_failure(exc) from None
     client.stream.sendall(_auth_request(12, server_final))
+    relay.remember_secret(user, secret_text)
     if secret is not None and secret_text is not None and ScramSecret.parse(secret_text) is not None:
         relay.remember_scram_keys(user, secret, server.client_key)

@@ -62,6 +62,7 @@ class Relay:
         self.server_groups: dict[Any, set[Pool]] = collections.defaultdict(set)
         self.mock_key = secrets.token_bytes(32)  # salts mock SCRAM exchanges for unknown users
         self.scram_keys: dict[str, tuple[ScramSecret, bytes]] = {}  # user -> (verifier, ClientKey)
+        self.login_secrets: dict[str, str] = {}  # user -> secret its clients authenticated against
         self._janitor = None
         self._apply_config()
         self.configure()
@@ -296,6 +297,12 @@ class Relay:
             parts.append(f"SET {name}={rendered}")
         return ";".join(parts) if parts else None
 
+    def remember_secret(self, user: str, secret: str | None) -> None:
+        """Keep the secret a client authenticated against (in memory only) for server logins as that
+        user, as PgBouncer keeps what auth_query returned."""
+        if secret:
+            self.login_secrets[user] = secret
+
     def remember_scram_keys(self, user: str, secret: ScramSecret, client_key: bytes) -> None:
         """Keep a SCRAM client's ClientKey (in memory only) so servers can log in as that user."""
         self.scram_keys[user] = (secret, client_key)
@@ -317,8 +324,10 @@ class Relay:
                            expect=verifier)
 
     def server_password(self, user: str) -> str | None:
-        """The secret for a server login as `user` when the database line has no password."""
-        return self.get_credentials(None, user)
+        """The secret for a server login as `user` when the database line has no password: the
+        credentials plugins' answer, else what a client of that user authenticated against."""
+        secret = self.get_credentials(None, user)
+        return secret if secret is not None else self.login_secrets.get(user)
 
     # -- hook call sites (one per hook) -----------------------------------------------------------
 

@@ -132,6 +132,11 @@ def login(relay: "Relay", stream: Stream, user: str, dbname: str, extra: tuple[t
             if code == 3:
                 if password is None:
                     raise ServerError("server asked for a password and none is configured")
+                if (password.startswith("md5") and len(password) == 35) or password.startswith("SCRAM-SHA-256$"):
+                    # A stored hash must never go out as a cleartext password: for md5 servers it is
+                    # as good as the password, and a man in the middle can ask for cleartext.
+                    raise ServerError("server asked for a cleartext password, but only a hashed secret "
+                                      "is known for this user")
                 send(stream, protocol.password_message(protocol.cstr(password)))
             elif code == 5:
                 if password is None or len(body) < 8:

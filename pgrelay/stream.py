@@ -93,8 +93,11 @@ class Stream:
             view = view[sent:]
 
     def peek_byte(self) -> int:
-        """The next byte without consuming it (to spot a direct-TLS ClientHello); waits as needed."""
+        """The next byte without consuming it; waits as needed."""
         if self.rbuf:
+            return self.rbuf[0]
+        if self.tls:  # MSG_PEEK would see ciphertext: read through TLS into rbuf instead
+            self.rbuf = self.recv_some()
             return self.rbuf[0]
         while True:
             try:
