@@ -172,7 +172,7 @@ class ScramClient:
         else:
             raise ScramError("no password or SCRAM keys for this server login")
         signature = _hmac(_h(client_key), auth_message)
-        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
         self.expected_signature = _hmac(server_key, auth_message)
         return f"{without_proof},p={base64.b64encode(proof).decode('ascii')}".encode("ascii")
 
@@ -276,7 +276,7 @@ class ScramServer:
             raise ScramError("malformed SCRAM proof")
         auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode("utf-8")
         signature = _hmac(self.secret.stored_key, auth_message)
-        client_key = bytes(a ^ b for a, b in zip(proof, signature))
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         if not self.known or not hmac.compare_digest(_h(client_key), self.secret.stored_key):
             raise ScramError("password authentication failed")
         self.client_key = client_key

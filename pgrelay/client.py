@@ -12,6 +12,7 @@ from gevent import Timeout
 
 from . import protocol
 from .errors import ClientGone, LoginTimeout, PgRelayError, ProtocolViolation, Reject, RejectError
+from .peer import Peer
 from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_SYNC,
                    change_client_state, link)
 from .routing import Login, Route
@@ -35,7 +36,7 @@ PG_MAX_MESSAGE = 0x40000000
 MAX_PENDING = 1 << 20  # bytes a queued client may send before pgrelay stops reading it
 
 
-class ClientConnection:
+class ClientConnection(Peer):
     """One client connected to pgrelay."""
 
     __slots__ = ("relay", "id", "listener", "peer", "stream", "sock", "state", "server", "pool", "route",
@@ -423,34 +424,10 @@ class ClientConnection:
             server.write(data, self)
         self.start_reading()
 
-    # -- writing to the client -----------------------------------------------------------------
+    # -- writing to the client (Peer.write / backlog) -------------------------------------------
 
-    def backlog(self, rest: bytes, source: "ServerConnection") -> None:
-        """The client's socket is full: keep the rest and pause the server until it drains."""
-        self.out = bytearray(rest)
-        if source is not None:
-            source.stop_reading()
-            self.paused = source
-            source.paused_by = self
-        self.stream.ww.start(self._on_writable)
-
-    def _on_writable(self) -> None:
-        try:
-            sent = self.sock.send(self.out)
-        except WOULD_BLOCK:
-            return
-        except OSError:
-            self.disconnect("client write failed")
-            return
-        del self.out[:sent]
-        if self.out:
-            return
-        self.out = None
-        self.stream.ww.stop()
-        source, self.paused = self.paused, None
-        if source is not None:
-            source.paused_by = None
-            source.start_reading()
+    def write_failed(self, exc: OSError) -> None:
+        self.disconnect("client write failed")
 
     def start_reading(self) -> None:
         rw = self.stream.rw
@@ -494,19 +471,7 @@ class ClientConnection:
         """Answer `count` outstanding queries with an ERROR each and ReadyForQuery, staying connected."""
         if self.relay.config.log_pooler_errors:
             log.warning("%s pooler error: %s", self.label, error.message)
-        reply = (error.encode() + protocol.READY_IDLE) * max(count, 1)
-        if self.out is not None:
-            self.out += reply
-            return
-        try:
-            sent = self.sock.send(reply)
-        except WOULD_BLOCK:
-            sent = 0
-        except OSError:
-            self.disconnect("client write failed")
-            return
-        if sent != len(reply):
-            self.backlog(reply[sent:], None)
+        self.write((error.encode() + protocol.READY_IDLE) * max(count, 1))
 
     # -- leaving -------------------------------------------------------------------------------
 

@@ -152,7 +152,7 @@ def _scram(relay: "Relay", client: "ClientConnection", login: "Login", secret_te
     if length == 0xFFFFFFFF or length != len(data):
         raise ProtocolViolation("SASLInitialResponse length does not match its data")
     if mechanism not in mechanisms:
-        raise ProtocolViolation(f"client selected an invalid SASL authentication mechanism")
+        raise ProtocolViolation("client selected an invalid SASL authentication mechanism")
     try:
         server_first = server.first(mechanism, data)
     except ScramError as exc:

@@ -218,6 +218,30 @@ def load_config(registry: SettingsRegistry, config_path: str | None, args: Itera
     return Config(values=values, sections=sections, path=path, warnings=tuple(warnings))
 
 
+def parse_options(entry: Entry, keys, section: str, kind: str = "", planned: frozenset = frozenset(),
+                  warnings: list[str] | None = None, defaults: bool = True) -> dict[str, Any]:
+    """Parse a `name = key=value ...` line against declared keys (Settings of one section).
+
+    Unknown keys are a ConfigError naming the file and line; keys in `planned` are skipped with a
+    warning. With `defaults`, keys the line does not set get their declared default.
+    """
+    declared = {k.name: k for k in keys}
+    values = {name: k.default_value for name, k in declared.items()} if defaults else {}
+    label = f"{kind} option" if kind else "option"
+    for key, text in parse_connstr(entry.value, entry.where).items():
+        if key in planned:
+            if warnings is not None:
+                warnings.append(f"{entry.where}: {label} '{key}' is not implemented by pgrelay yet and is ignored")
+            continue
+        if key not in declared:
+            raise ConfigError(f"{entry.where}: unknown {label} '{key}' in [{section}] entry {entry.key!r}")
+        try:
+            values[key] = declared[key].parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{entry.where}: {key}: {exc}") from None
+    return values
+
+
 def parse_connstr(text: str, where: str = "") -> dict[str, str]:
     """libpq-style `key=value key2='quoted value'` pairs, as used in [databases] lines."""
     out: dict[str, str] = {}

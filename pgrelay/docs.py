@@ -93,8 +93,8 @@ def rewrite(text: str) -> str:
         pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.rst lacks the markers for the {block} block")
-        body = "\n".join(render(block))
-        text = pattern.sub(lambda _m: f"{begin}\n\n{body}\n{end}", text)
+        replacement = f"{begin}\n\n" + "\n".join(render(block)) + f"\n{end}"
+        text = pattern.sub(lambda _m, r=replacement: r, text)
     return text
 
 

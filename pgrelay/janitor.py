@@ -75,7 +75,7 @@ class Janitor:
             now = (s["xact_count"], s["query_count"], s["bytes_received"], s["bytes_sent"], s["wait_time"])
             before = self.last_totals.get(name, (0, 0, 0, 0, 0.0))
             self.last_totals[name] = now
-            d = [a - b for a, b in zip(now, before)]
+            d = [a - b for a, b in zip(now, before, strict=True)]
             if not any(d):
                 continue
             log.info("stats: %s: %d xacts/s, %d queries/s, in %d B/s, out %d B/s, wait %d us",

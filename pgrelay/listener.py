@@ -152,21 +152,13 @@ class Listeners:
 
 def listener_specs(config) -> list[tuple[Listener, tuple[str, ...]]]:
     """The main listener plus the [listeners] entries, validated; raises ConfigError naming the line."""
-    from .config import parse_connstr
+    from .config import parse_options
     from .settings import LISTENER_KEYS
     specs = [(Listener(name="main", addr=",".join(config.listen_addr), port=config.listen_port),
               tuple(config.listen_addr))]
     ports = {config.listen_port: "listen_port"}
-    keys = {k.name: k for k in LISTENER_KEYS}
     for entry in config.section("listeners"):
-        values = {k.name: k.default_value for k in LISTENER_KEYS}
-        for key, text in parse_connstr(entry.value, entry.where).items():
-            if key not in keys:
-                raise ConfigError(f"{entry.where}: unknown option '{key}' in [listeners] entry {entry.key!r}")
-            try:
-                values[key] = keys[key].parse(text)
-            except ValueError as exc:
-                raise ConfigError(f"{entry.where}: {key}: {exc}") from None
+        values = parse_options(entry, LISTENER_KEYS, "listeners")
         if not values["port"]:
             raise ConfigError(f"{entry.where}: listener {entry.key!r} needs port=")
         if values["port"] in ports:

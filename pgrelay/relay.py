@@ -290,7 +290,7 @@ class Relay:
         if want is have:
             return None
         parts = []
-        for name, value, current in zip(self.tracked, want, have):
+        for name, value, current in zip(self.tracked, want, have, strict=True):
             if value is None or (current is not None and value.lower() == current.lower()):
                 continue
             rendered = value if name.lower() in LIST_QUOTED else quote_literal(value)

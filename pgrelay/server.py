@@ -12,6 +12,7 @@ from gevent import Timeout
 
 from . import protocol, server_login
 from .errors import ProtocolViolation, Reject, ServerError
+from .peer import Peer
 from .pool import (MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
                    SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_server_state)
 from .routing import HostAddr
@@ -30,7 +31,7 @@ _Z, _S, _E, _I = 90, 83, 69, 73
 MAX_SERVER_META_MESSAGE = 1 << 20  # ParameterStatus / ReadyForQuery bigger than this is a violation
 
 
-class ServerConnection:
+class ServerConnection(Peer):
     """One connection from pgrelay to a PostgreSQL server (or another pooler)."""
 
     __slots__ = ("relay", "pool", "id", "addr", "stream", "sock", "state", "client", "expect", "txstatus",
@@ -324,48 +325,10 @@ class ServerConnection:
             self.write(data, client)
         client.start_reading()
 
-    # -- writing to the server ------------------------------------------------------------------
+    # -- writing to the server (Peer.write / backlog) -------------------------------------------
 
-    def write(self, data: bytes, source: "ClientConnection | None" = None) -> None:
-        """Send without waiting; what does not fit is kept and `source` stops reading until it drains."""
-        if self.out is not None:
-            self.out += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except WOULD_BLOCK:
-            sent = 0
-        except OSError as exc:
-            self.lost(f"server write failed: {exc.strerror or exc}")
-            return
-        if sent != len(data):
-            self.backlog(data[sent:], source)
-
-    def backlog(self, rest: bytes, source: "ClientConnection | None") -> None:
-        self.out = bytearray(rest)
-        if source is not None:
-            source.stop_reading()
-            self.paused = source
-            source.paused_by = self
-        self.stream.ww.start(self._on_writable)
-
-    def _on_writable(self) -> None:
-        try:
-            sent = self.sock.send(self.out)
-        except WOULD_BLOCK:
-            return
-        except OSError as exc:
-            self.lost(f"server write failed: {exc.strerror or exc}")
-            return
-        del self.out[:sent]
-        if self.out:
-            return
-        self.out = None
-        self.stream.ww.stop()
-        source, self.paused = self.paused, None
-        if source is not None:
-            source.paused_by = None
-            source.start_reading()
+    def write_failed(self, exc: OSError) -> None:
+        self.lost(f"server write failed: {exc.strerror or exc}")
 
     def start_reading(self) -> None:
         if self.state == SV_CLOSED or self.stream is None or self.stream.rw.active:
@@ -402,7 +365,7 @@ class ServerConnection:
         disconnected with PgBouncer's "server conn crashed?".
         """
         client = self.client
-        expect, txstatus = self.expect, self.txstatus
+        expect = self.expect
         clean_cut = not self.skip and not self.carry and self.state == SV_ACTIVE
         self.close(reason)
         if client is None:

@@ -291,6 +291,24 @@ LISTENER_KEYS = [
 ]
 
 
+def declare(settings: list[Setting], sections: dict[str, str] | None = None):
+    """A plugin's pgrelay_add_settings implementation declaring `settings` (and claiming `sections`).
+
+    In a plugin module: ``pgrelay_add_settings = declare(SETTINGS)``.
+    """
+    import pluggy
+
+    @pluggy.HookimplMarker("pgrelay")
+    def pgrelay_add_settings(settings: SettingsRegistry) -> None:  # noqa: F811 (the hook's argument name)
+        for name, doc in (sections or {}).items():
+            settings.add_section(name, doc)
+        for setting in declared:
+            settings.add(setting)
+
+    declared = list(settings)
+    return pgrelay_add_settings
+
+
 def core_registry() -> SettingsRegistry:
     registry = SettingsRegistry()
     for setting in PLANNED_SETTINGS + CORE_SETTINGS:

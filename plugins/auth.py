@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pgrelay import hookimpl
 from pgrelay.backend import BackendSession
 from pgrelay.errors import INVALID_PASSWORD, ConfigError, Reject, ServerError
-from pgrelay.settings import STR, Enum, Setting
+from pgrelay.settings import declare, STR, Enum, Setting
 
 from . import hba
 
@@ -91,10 +91,7 @@ def state(relay) -> AuthState:
     return relay.plugin_data["auth"]
 
 
-@hookimpl
-def pgrelay_add_settings(settings):
-    for setting in SETTINGS:
-        settings.add(setting)
+pgrelay_add_settings = declare(SETTINGS)
 
 
 @hookimpl

@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass
 
 from pgrelay import hookimpl
-from pgrelay.config import parse_connstr
+from pgrelay.config import parse_options
 from pgrelay.errors import ConfigError
 from pgrelay.routing import Database, HostAddr
-from pgrelay.settings import INT, POOL_MODE, STR, LIST, Int, Setting
+from pgrelay.settings import declare, INT, POOL_MODE, STR, LIST, Int, Setting
 
 # Keys of a [databases] line: declared data, like the [pgbouncer] settings.
 DATABASE_KEYS = [
@@ -71,20 +71,8 @@ def _parse_hosts(text_hosts, default_port: int, where: str) -> tuple[HostAddr, .
 
 
 def parse_database(entry, warnings: list[str], cluster: bool = False) -> Database:
-    keys = {k.name: k for k in (CLUSTER_KEYS if cluster else DATABASE_KEYS)}
-    raw = parse_connstr(entry.value, entry.where)
-    values = {}
-    for key, text in raw.items():
-        if key in PLANNED_DATABASE_KEYS:
-            warnings.append(f"{entry.where}: database option '{key}' is not implemented by pgrelay yet and is ignored")
-            continue
-        if key not in keys:
-            kind, section = ("cluster", "clusters") if cluster else ("database", "databases")
-            raise ConfigError(f"{entry.where}: unknown {kind} option '{key}' in [{section}] entry {entry.key!r}")
-        try:
-            values[key] = keys[key].parse(text)
-        except ValueError as exc:
-            raise ConfigError(f"{entry.where}: {key}: {exc}") from None
+    keys, section, kind = (CLUSTER_KEYS, "clusters", "cluster") if cluster else (DATABASE_KEYS, "databases", "database")
+    values = parse_options(entry, keys, section, kind, PLANNED_DATABASE_KEYS, warnings, defaults=False)
     hosts = values.get("host") or (default_socket_dir(),)
     ports = [p.strip() for p in values.get("port", "5432").split(",") if p.strip()]
     if len(ports) not in (1, len(hosts)):
@@ -98,7 +86,7 @@ def parse_database(entry, warnings: list[str], cluster: bool = False) -> Databas
     server_params = tuple((SERVER_PARAM_KEYS[k], values[k]) for k in SERVER_PARAM_KEYS if values.get(k))
     replicas = _parse_hosts(values.get("replicas", ()), ports[0], entry.where)
     return Database(
-        name=entry.key, hosts=tuple(HostAddr(h, p) for h, p in zip(hosts, ports)),
+        name=entry.key, hosts=tuple(HostAddr(h, p) for h, p in zip(hosts, ports, strict=True)),
         dbname="" if cluster else (values.get("dbname") or ("" if entry.key == "*" else entry.key)),
         replicas=replicas, cluster=entry.key if cluster else None,
         user=values.get("user") or None, password=values.get("password") or None,
@@ -109,18 +97,7 @@ def parse_database(entry, warnings: list[str], cluster: bool = False) -> Databas
 
 
 def parse_user(entry, warnings: list[str]) -> UserSettings:
-    keys = {k.name: k for k in USER_KEYS}
-    values = {}
-    for key, text in parse_connstr(entry.value, entry.where).items():
-        if key in PLANNED_USER_KEYS:
-            warnings.append(f"{entry.where}: user option '{key}' is not implemented by pgrelay yet and is ignored")
-            continue
-        if key not in keys:
-            raise ConfigError(f"{entry.where}: unknown user option '{key}' in [users] entry {entry.key!r}")
-        try:
-            values[key] = keys[key].parse(text)
-        except ValueError as exc:
-            raise ConfigError(f"{entry.where}: {key}: {exc}") from None
+    values = parse_options(entry, USER_KEYS, "users", "user", PLANNED_USER_KEYS, warnings, defaults=False)
     return UserSettings(pool_mode=values.get("pool_mode") or None, pool_size=values.get("pool_size"))
 
 
@@ -139,14 +116,12 @@ def user_settings(relay, user: str) -> UserSettings:
     return tables(relay).users.get(user) or UserSettings()
 
 
-@hookimpl
-def pgrelay_add_settings(settings):
-    settings.add_section("databases", "One line per database: name = libpq-style key=value options.")
-    settings.add_section("users", "One line per user: name = key=value options.")
-    settings.add_section("clusters", "One line per cluster (role.cluster user names): name = the [databases] "
-                                     "options but dbname; clients pick the database.")
-    for key in DATABASE_KEYS + USER_KEYS + CLUSTER_KEYS:
-        settings.add(key)
+pgrelay_add_settings = declare(DATABASE_KEYS + USER_KEYS + CLUSTER_KEYS, {
+    "databases": "One line per database: name = libpq-style key=value options.",
+    "users": "One line per user: name = key=value options.",
+    "clusters": "One line per cluster (role.cluster user names): name = the [databases] options but dbname; "
+                "clients pick the database.",
+})
 
 
 @hookimpl

@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 
 from pgrelay import hookimpl
-from pgrelay.config import parse_connstr
+from pgrelay.config import parse_options
 from pgrelay.errors import ConfigError, Reject
 from pgrelay.routing import POOLED, PRIMARY, REPLICA, ClientLimit, HostAddr, ServerLimit
-from pgrelay.settings import POOL_MODE, STR, Enum, Int, Setting
+from pgrelay.settings import POOL_MODE, declare, STR, Enum, Int, Setting
 
 from . import routes
 
@@ -51,15 +51,7 @@ def parse_pooler(entry) -> Pooler:
     if not NAME.fullmatch(entry.key):
         raise ConfigError(f"{entry.where}: pooler name {entry.key!r} must be 1-12 lowercase letters, digits, "
                           "'-' or '_', starting with a letter or digit")
-    keys = {k.name: k for k in KEYS}
-    values = {k.name: k.default_value for k in KEYS}
-    for key, text in parse_connstr(entry.value, entry.where).items():
-        if key not in keys:
-            raise ConfigError(f"{entry.where}: unknown option '{key}' in [poolers] entry {entry.key!r}")
-        try:
-            values[key] = keys[key].parse(text)
-        except ValueError as exc:
-            raise ConfigError(f"{entry.where}: {key}: {exc}") from None
+    values = parse_options(entry, KEYS, "poolers")
     upstream = None
     if values["upstream"]:
         host, colon, port = values["upstream"].rpartition(":")
@@ -73,12 +65,8 @@ def parse_pooler(entry) -> Pooler:
                   values["max_client_conn"], upstream)
 
 
-@hookimpl
-def pgrelay_add_settings(settings):
-    settings.add_section("poolers", "One line per dedicated pooler: name = key=value options. Clients reach it "
-                                    "with user name role|name on a pooled port.")
-    for key in KEYS:
-        settings.add(key)
+pgrelay_add_settings = declare(KEYS, {"poolers": "One line per dedicated pooler: name = key=value options. "
+                                                   "Clients reach it with user name role|name on a pooled port."})
 
 
 @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgrelay import hookimpl
 from pgrelay.errors import TOO_MANY_CONNECTIONS, Reject
 from pgrelay.routing import DIRECT, PRIMARY, REPLICA, SESSION, ClientLimit
-from pgrelay.settings import Int, Setting
+from pgrelay.settings import declare, Int, Setting
 
 from . import routes
 
@@ -16,10 +16,7 @@ SETTINGS = [
 ]
 
 
-@hookimpl
-def pgrelay_add_settings(settings):
-    for setting in SETTINGS:
-        settings.add(setting)
+pgrelay_add_settings = declare(SETTINGS)
 
 
 @hookimpl(trylast=True)

@@ -7,7 +7,7 @@ import itertools
 from pgrelay import hookimpl
 from pgrelay.errors import CONNECTION_FAILURE, Reject
 from pgrelay.routing import PRIMARY
-from pgrelay.settings import BOOL, SECONDS, Enum, Setting
+from pgrelay.settings import declare, BOOL, SECONDS, Enum, Setting
 
 SETTINGS = [
     Setting("replica_balance", Enum("round_robin", "least_connections"), "round_robin", True,
@@ -19,10 +19,7 @@ SETTINGS = [
 ]
 
 
-@hookimpl
-def pgrelay_add_settings(settings):
-    for setting in SETTINGS:
-        settings.add(setting)
+pgrelay_add_settings = declare(SETTINGS)
 
 
 @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgrelay import hookimpl
 from pgrelay.errors import Reject
 from pgrelay.routing import POOLED, REPLICA
-from pgrelay.settings import BOOL, Setting
+from pgrelay.settings import declare, BOOL, Setting
 
 from . import routes
 
@@ -15,10 +15,7 @@ SETTINGS = [
 ]
 
 
-@hookimpl
-def pgrelay_add_settings(settings):
-    for setting in SETTINGS:
-        settings.add(setting)
+pgrelay_add_settings = declare(SETTINGS)
 
 
 @hookimpl(trylast=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgrelay import hookimpl
 from pgrelay.errors import INVALID_AUTHORIZATION, Reject
 from pgrelay.routing import UserSpec
-from pgrelay.settings import BOOL, Setting
+from pgrelay.settings import declare, BOOL, Setting
 
 # PostgreSQL's identifiers hold at most NAMEDATALEN - 1 bytes.
 MAX_NAME_BYTES = 63
@@ -18,10 +18,7 @@ SETTINGS = [
 ]
 
 
-@hookimpl
-def pgrelay_add_settings(settings):
-    for setting in SETTINGS:
-        settings.add(setting)
+pgrelay_add_settings = declare(SETTINGS)
 
 
 def _too_long(what: str, name: str) -> Reject | None:
