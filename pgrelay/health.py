@@ -111,4 +111,5 @@ class HealthMonitor:
         if now != was and was != (False, None):
             role = "down" if not state.up else ("standby" if state.in_recovery else "primary")
             log.info("host %s is now %s%s", addr, role, f" ({state.error})" if state.error else "")
+            self.relay.hosts_changed()
         return state

@@ -92,7 +92,7 @@ def pgrelay_route_client(relay, login):
         return db
     user = routes.server_user(db, login)
     limits = dict(
-        pool_key=(f"pooler:{pooler.name}", login.database, user, db.cluster),
+        pool_key=(f"pooler:{pooler.name}", login.database, user, db.cluster, pooler.target, pooler.pool_mode),
         pool_mode=pooler.pool_mode, pool_size=pooler.default_pool_size, min_pool_size=pooler.min_pool_size,
         client_limits=(ClientLimit(("pooler", pooler.name), pooler.max_client_conn,
                                    "no more connections allowed (max_client_conn)"),),

@@ -41,7 +41,10 @@ def pool_size(relay, login, db: Database) -> int:
 def build(relay, login, db: Database, prefix: str, target: str = PRIMARY, **overrides) -> Route:
     """A route to `db` for `login`; pools are keyed by (prefix, database, server user[, cluster])."""
     user = server_user(db, login)
-    key = (prefix, login.database, user, db.cluster)
+    mode = overrides.get("pool_mode") or pool_mode(relay, login, db)
+    # Clients share a pool only if everything about its servers agrees: where they go and how
+    # they are released (a session port and a transaction port never share servers).
+    key = (prefix, login.database, user, db.cluster, target, mode)
     label = f"{login.database}/{user}" + (f"@{db.cluster}" if db.cluster else "")
     if prefix != "local":
         label = f"{prefix}:{label}"
@@ -49,7 +52,7 @@ def build(relay, login, db: Database, prefix: str, target: str = PRIMARY, **over
         label += "|replica"
     fields = dict(
         pool_key=key, name=label, hosts=db.hosts, replicas=db.replicas, dbname=db.dbname, server_user=user,
-        server_password=db.password, pool_mode=pool_mode(relay, login, db), pool_size=pool_size(relay, login, db),
+        server_password=db.password, pool_mode=mode, pool_size=pool_size(relay, login, db),
         min_pool_size=db.min_pool_size if db.min_pool_size is not None else relay.config.min_pool_size,
         connect_query=db.connect_query, server_params=db.server_params, target=target,
     )

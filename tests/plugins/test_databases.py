@@ -79,7 +79,7 @@ def test_dbname_defaults_to_entry_name(tmp_path):
     assert relay.find_database("alias").dbname == "realdb"
     assert relay.find_database("alias").name == "alias"
     route = relay.route_client(login("alias"))
-    assert (route.dbname, route.name, route.pool_key) == ("realdb", "alias/alice", ("local", "alias", "alice", None))
+    assert (route.dbname, route.name, route.pool_key) == ("realdb", "alias/alice", ("local", "alias", "alice", None, "primary", "transaction"))
 
 
 def test_star_fallback(tmp_path):
@@ -89,7 +89,7 @@ def test_star_fallback(tmp_path):
     assert relay.find_database("named").dbname == "other"  # an explicit entry wins over *
     route = relay.route_client(login("some_db", user="bob"))
     assert (route.dbname, route.server_user, route.hosts, route.pool_key) == (
-        "some_db", "bob", (HostAddr("h2", 6543),), ("local", "some_db", "bob", None))
+        "some_db", "bob", (HostAddr("h2", 6543),), ("local", "some_db", "bob", None, "primary", "transaction"))
     assert relay.route_client(login("another")).dbname == "another"
 
 
@@ -106,9 +106,9 @@ def test_forced_user_and_password(tmp_path):
     assert "p w" not in repr(db)
     route = relay.route_client(login("forced", user="alice"))
     assert (route.server_user, route.server_password, route.pool_key, route.name) == (
-        "svc", "p w's", ("local", "forced", "svc", None), "forced/svc")
+        "svc", "p w's", ("local", "forced", "svc", None, "primary", "transaction"), "forced/svc")
     # Every client of a forced-user database shares one pool.
-    assert relay.route_client(login("forced", user="bob")).pool_key == ("local", "forced", "svc", None)
+    assert relay.route_client(login("forced", user="bob")).pool_key == ("local", "forced", "svc", None, "primary", "transaction")
     route = relay.route_client(login("free", user="bob"))
     assert (route.server_user, route.server_password) == ("bob", None)
 
@@ -186,6 +186,6 @@ def test_route_is_a_route(tmp_path):
     relay, _ = make_relay(tmp_path, "a = host=h\n")
     route = relay.route_client(login("a"))
     assert isinstance(route, Route)
-    assert route == Route(pool_key=("local", "a", "alice", None), name="a/alice", hosts=(HostAddr("h", 5432),), dbname="a",
+    assert route == Route(pool_key=("local", "a", "alice", None, "primary", "transaction"), name="a/alice", hosts=(HostAddr("h", 5432),), dbname="a",
                           server_user="alice", server_password=None, pool_mode="transaction", pool_size=20,
                           min_pool_size=0, connect_query="", server_params=(), reuse=True)

@@ -49,7 +49,7 @@ def test_pool_per_database_and_user(relay):
     b = relay.route_client(login("plain", "bob"))
     c = relay.route_client(login("dbmode", "alice"))
     assert len({a.pool_key, b.pool_key, c.pool_key}) == 3
-    assert a.pool_key == ("local", "plain", "alice", None) and a.name == "plain/alice"
+    assert a.pool_key == ("local", "plain", "alice", None, "primary", a.pool_mode) and a.name == "plain/alice"
     assert relay.route_client(login("plain", "alice")) == a
     # A forced user makes one pool for all clients of the database.
     assert relay.route_client(login("forced", "alice")).pool_key == relay.route_client(login("forced", "bob")).pool_key
