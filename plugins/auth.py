@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pgrelay import hookimpl
 from pgrelay.backend import BackendSession
 from pgrelay.errors import INVALID_PASSWORD, ConfigError, Reject, ServerError
-from pgrelay.settings import declare, STR, Enum, Setting
+from pgrelay.settings import STR, Enum, Setting, declare
 
 from . import hba
 

@@ -9,7 +9,7 @@ from pgrelay import hookimpl
 from pgrelay.config import parse_options
 from pgrelay.errors import ConfigError
 from pgrelay.routing import Database, HostAddr
-from pgrelay.settings import declare, INT, POOL_MODE, STR, LIST, Int, Setting
+from pgrelay.settings import INT, LIST, POOL_MODE, STR, Int, Setting, declare
 
 # Keys of a [databases] line: declared data, like the [pgbouncer] settings.
 DATABASE_KEYS = [

@@ -9,7 +9,7 @@ from pgrelay import hookimpl
 from pgrelay.config import parse_options
 from pgrelay.errors import ConfigError, Reject
 from pgrelay.routing import POOLED, PRIMARY, REPLICA, ClientLimit, HostAddr, ServerLimit
-from pgrelay.settings import POOL_MODE, declare, STR, Enum, Int, Setting
+from pgrelay.settings import POOL_MODE, STR, Enum, Int, Setting, declare
 
 from . import routes
 

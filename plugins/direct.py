@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgrelay import hookimpl
 from pgrelay.errors import TOO_MANY_CONNECTIONS, Reject
 from pgrelay.routing import DIRECT, PRIMARY, REPLICA, SESSION, ClientLimit
-from pgrelay.settings import declare, Int, Setting
+from pgrelay.settings import Int, Setting, declare
 
 from . import routes
 

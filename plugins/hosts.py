@@ -7,7 +7,7 @@ import itertools
 from pgrelay import hookimpl
 from pgrelay.errors import CONNECTION_FAILURE, Reject
 from pgrelay.routing import PRIMARY
-from pgrelay.settings import declare, BOOL, SECONDS, Enum, Setting
+from pgrelay.settings import BOOL, SECONDS, Enum, Setting, declare
 
 SETTINGS = [
     Setting("replica_balance", Enum("round_robin", "least_connections"), "round_robin", True,

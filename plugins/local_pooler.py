@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgrelay import hookimpl
 from pgrelay.errors import Reject
 from pgrelay.routing import POOLED, REPLICA
-from pgrelay.settings import declare, BOOL, Setting
+from pgrelay.settings import BOOL, Setting, declare
 
 from . import routes
 

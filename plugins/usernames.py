@@ -5,7 +5,7 @@ from __future__ import annotations
 from pgrelay import hookimpl
 from pgrelay.errors import INVALID_AUTHORIZATION, Reject
 from pgrelay.routing import UserSpec
-from pgrelay.settings import declare, BOOL, Setting
+from pgrelay.settings import BOOL, Setting, declare
 
 # PostgreSQL's identifiers hold at most NAMEDATALEN - 1 bytes.
 MAX_NAME_BYTES = 63
