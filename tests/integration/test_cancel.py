@@ -76,6 +76,7 @@ class Outcome:
         return self
 
 
+@pytest.mark.smoke
 def test_cancel_through_pooler(relay, pg):
     conn = connect(relay, application_name="cancel_basic")
     outcome = Outcome(conn, "SELECT pg_sleep(10)")
@@ -112,6 +113,7 @@ def test_psql_cancel_on_sigint(relay, pg):
     assert active_on_server(pg, "psql_sigint") == 0
 
 
+@pytest.mark.smoke
 def test_cancel_spam_does_not_hit_next_client(make_relay, pg):
     """PgBouncer's test_cancel_race: with one server, 100 cancels for client A are in flight when A's
     query ends and the server goes to client B; none may cancel B's query."""

@@ -58,6 +58,7 @@ def test_psql_commands_statements_and_copy(relay, pg, tmp_path):
 
 # -- psycopg2 --------------------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_psycopg2(relay):
     conn = psycopg2.connect(relay.dsn())
     try:
@@ -144,6 +145,7 @@ def test_psycopg3_async(relay):
 
 # -- asyncpg ---------------------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_asyncpg_session_mode_with_prepared_statements(make_relay):
     relay = make_relay({"pool_mode": "session", "default_pool_size": 2})
 

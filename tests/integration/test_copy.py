@@ -198,6 +198,7 @@ def test_copy_in_failing_midway_psycopg2(make_relay, pg):
         assert other.execute("SELECT count(*) FROM copy_fail2").fetchone() == (0,)
 
 
+@pytest.mark.smoke
 def test_copy_inside_explicit_transaction(make_relay, pg):
     fresh_table(pg, "copy_tx")
     relay = make_relay({"pool_mode": "transaction", "default_pool_size": 2})

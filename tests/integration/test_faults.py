@@ -125,6 +125,7 @@ def fault_table(pg):
     "LOCK TABLE fault_lock IN ACCESS EXCLUSIVE MODE",
     "SELECT * FROM fault_lock WHERE id = 1 FOR UPDATE",
 ], ids=["lock-table", "select-for-update"])
+@pytest.mark.smoke
 def test_client_killed_mid_transaction(make_relay, pg, fault_table, statement):
     relay = make_relay(settings={"default_pool_size": 1})
     proc, killed_pid = start_client(TRANSACTION_CLIENT, relay.dsn(), statement)
@@ -223,6 +224,7 @@ def test_backend_terminated_in_session_mode(make_relay, pg):
     other.close()
 
 
+@pytest.mark.smoke
 def test_idle_server_terminated_in_transaction_mode(make_relay, pg):
     relay = make_relay(settings={"default_pool_size": 1})
     conn = connect(relay)

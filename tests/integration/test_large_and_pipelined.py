@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import asyncio
 import hashlib
 import os
@@ -49,6 +50,7 @@ def test_one_megabyte_query_text_psql_file(relay, pg, tmp_path):
     assert result.stdout.split() == [str(MB), "second", "statement"]
 
 
+@pytest.mark.smoke
 def test_psycopg3_pipeline_of_200_statements(make_relay):
     relay = make_relay({"pool_mode": "transaction", "default_pool_size": 1})
     with psycopg.connect(relay.dsn(), autocommit=True, prepare_threshold=None) as conn, \
@@ -165,6 +167,7 @@ def read_reply(raw: RawClient, timeout: float = 5) -> list[tuple[bytes, bytes]] 
         return None
 
 
+@pytest.mark.smoke
 def test_messages_pipelined_after_a_sync_stay_with_their_client(make_relay):
     """A client may send the next batch (Parse/Bind/Execute) before the ReadyForQuery of the previous
     Sync arrives. Those messages are outstanding on the server: it must not be handed to another

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import socket
 
 import psycopg
@@ -25,6 +26,7 @@ def status(conn, name):
     return conn.info.parameter_status(name)
 
 
+@pytest.mark.smoke
 def test_clients_with_different_settings_share_one_server(make_relay):
     relay = make_relay({"pool_mode": "transaction", "default_pool_size": 1})
     a = connect(relay, options=r"-c TimeZone=UTC -c DateStyle=ISO,\ DMY", application_name="a")

@@ -63,6 +63,7 @@ def refused_begin(relay, **kw) -> dict[str, str]:
 
 # -- session mode ---------------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_session_mode_keeps_one_server_and_resets_it_for_the_next_client(make_relay, pg):
     relay = make_relay({"pool_mode": "session", "default_pool_size": 1})
     first = connect(relay)
@@ -109,6 +110,7 @@ def test_session_mode_clients_hold_distinct_servers(make_relay):
 
 # -- transaction mode ------------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_transaction_mode_alternating_clients_share_one_server(make_relay):
     relay = make_relay({"pool_mode": "transaction", "default_pool_size": 1})
     a, b = connect(relay), connect(relay)
@@ -174,6 +176,7 @@ def test_transaction_mode_server_reset_query_only_with_reset_always(make_relay, 
 
 # -- statement mode --------------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_statement_mode_single_statements_work_and_begin_is_refused(make_relay):
     relay = make_relay({"pool_mode": "statement", "default_pool_size": 1})
     a, b = connect(relay), connect(relay)
