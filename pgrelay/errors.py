@@ -81,9 +81,10 @@ class ServerError(PgRelayError):
 
     sqlstate = CONNECTION_FAILURE
 
-    def __init__(self, message: str, fields: dict[str, str] | None = None):
+    def __init__(self, message: str, fields: dict[str, str] | None = None, routing: bool = False):
         super().__init__(message)
         self.fields = fields or {}
+        self.routing = routing  # no usable host was chosen: nothing to back off from
 
     def reject(self) -> Reject:
         if self.fields:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import gevent
+from gevent.event import Event
 
 from .backend import BackendSession
 from .errors import ServerError
@@ -59,6 +60,7 @@ class HealthMonitor:
         self.relay = relay
         self.states: dict[HostAddr, HostState] = {}
         self.sessions: dict[HostAddr, BackendSession] = {}
+        self._running: dict[frozenset, Event] = {}
         self.greenlet = None
 
     def start(self) -> None:
@@ -75,41 +77,64 @@ class HealthMonitor:
         state = self.states.get(addr)
         if state is None:
             state = self.states[addr] = HostState(addr)
-            self.check(addr)
+            self.check([addr])
         return state
 
     def _run(self) -> None:
         while True:
             gevent.sleep(self.relay.config.health_check_period)
-            jobs = [gevent.spawn(self.check, addr) for addr in list(self.states)]
-            gevent.joinall(jobs, timeout=self.relay.config.health_check_period * 2 + 1)
+            self.check(list(self.states))
 
-    def check(self, addr: "HostAddr") -> HostState:
-        state = self.states.setdefault(addr, HostState(addr))
+    def check(self, addrs) -> None:
+        """Check hosts concurrently and publish all results at once, so host selection never sees
+        the old primary already down while the promoted standby still looks like a standby.
+        A check already running for the same hosts is joined rather than repeated."""
+        key = frozenset(addrs)
+        running = self._running.get(key)
+        if running is not None:
+            running.wait()
+            return
+        done = self._running[key] = Event()
+        try:
+            timeout = self.relay.config.health_check_timeout
+            jobs = {addr: gevent.spawn(self._probe, addr) for addr in key}
+            gevent.joinall(list(jobs.values()), timeout=timeout + 1)
+            changed = False
+            for addr, job in jobs.items():
+                result = job.value if job.successful() else (False, None, 0.0, "health check did not finish")
+                changed |= self._publish(addr, *result)
+            if changed:
+                self.relay.hosts_changed()
+        finally:
+            del self._running[key]
+            done.set()
+
+    def _probe(self, addr: "HostAddr") -> tuple[bool, bool | None, float, str]:
         config = self.relay.config
         session = self.sessions.get(addr)
         if session is None:
             user = config.health_check_user
             session = self.sessions[addr] = BackendSession(self.relay, addr, config.health_check_dbname, user,
                                                            self.relay.server_password(user))
-        was = (state.up, state.in_recovery)
         try:
             rows = session.query(HEALTH_QUERY, [], timeout=config.health_check_timeout)
-            state.up = True
-            state.in_recovery = rows[0][0] == "t"
-            state.lag = float(rows[0][1] or 0)
-            state.error = ""
+            return True, rows[0][0] == "t", float(rows[0][1] or 0), ""
         except ServerError as exc:
-            state.up = False
-            state.error = str(exc)
+            return False, None, 0.0, str(exc)
         except Exception as exc:  # a bug: never let the monitor die
             log.exception("health check of %s failed", addr)
-            state.up = False
-            state.error = type(exc).__name__
+            return False, None, 0.0, type(exc).__name__
+
+    def _publish(self, addr: "HostAddr", up: bool, in_recovery: bool | None, lag: float, error: str) -> bool:
+        """Store a result; True if the host's role or reachability changed."""
+        state = self.states.setdefault(addr, HostState(addr))
+        was = (state.up, state.in_recovery)
+        state.up, state.lag, state.error = up, lag, error
+        if up:
+            state.in_recovery = in_recovery
         state.checked_at = time.monotonic()
-        now = (state.up, state.in_recovery)
-        if now != was and was != (False, None):
-            role = "down" if not state.up else ("standby" if state.in_recovery else "primary")
-            log.info("host %s is now %s%s", addr, role, f" ({state.error})" if state.error else "")
-            self.relay.hosts_changed()
-        return state
+        if (state.up, state.in_recovery) == was or was == (False, None):
+            return False
+        role = "down" if not up else ("standby" if in_recovery else "primary")
+        log.info("host %s is now %s%s", addr, role, f" ({error})" if error else "")
+        return True

@@ -83,7 +83,7 @@ class Pool:
         """Queue a client for the next free server and start one if the pool has room."""
         change_client_state(client, CL_WAITING)
         if self.login_error is not None and time.monotonic() < self.login_error_until:
-            client.disconnect("server login failing", self.cached_login_error())
+            client.fail_pending(self.cached_login_error())  # an ERROR for its queries, not a disconnect
             return
         if self.size == 0 or len(self.servers) < self.size:
             self.launch_if_needed()
@@ -131,8 +131,9 @@ class Pool:
         if reject.sqlstate == CANNOT_CONNECT_NOW:
             gevent.spawn_later(1.0, self.launch_if_needed)
             return
-        self.login_error = reject
-        self.login_error_until = time.monotonic() + self.relay.config.server_login_retry
+        if not error.routing:  # host selection refusals are re-decided each time, never cached
+            self.login_error = reject
+            self.login_error_until = time.monotonic() + self.relay.config.server_login_retry
         if self.welcome is None:
             result, self.welcome_result = self.welcome_result, AsyncResult()
             result.set_exception(error)

@@ -22,10 +22,10 @@ from .config import Config, load_config
 from .errors import ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
 from .listener import Listeners, listener_specs
 from .plugins import make_plugin_manager
-from .pool import CL_CLOSED, SV_ACTIVE, Pool
+from .pool import CL_CLOSED, SV_ACTIVE, SV_IDLE, Pool
 from .protocol import quote_literal
 from .health import HealthMonitor
-from .routing import Database, HostAddr, Login, Route, UserSpec
+from .routing import PRIMARY, Database, HostAddr, Login, Route, UserSpec
 from .settings import SettingsRegistry, core_registry
 from .tls import client_tls, server_tls
 
@@ -273,9 +273,20 @@ class Relay:
                     other.launch_if_needed()
 
     def hosts_changed(self) -> None:
-        """A host changed role or came back: retry failed logins now rather than after server_login_retry."""
+        """A host changed role or reachability (health monitor): servers of primary pools on a host
+        that is no longer the one chosen are closed (idle now, busy ones when released), and failed
+        logins are retried now rather than after server_login_retry."""
         for pool in list(self.pools.values()):
             pool.login_error = None
+            route = pool.route
+            if route.target == PRIMARY and len(route.hosts) > 1:
+                chosen = self.choose_host(pool)
+                if isinstance(chosen, HostAddr):
+                    for server in list(pool.servers):
+                        if server.addr is not None and server.addr != chosen and not server.close_reason:
+                            server.close_reason = f"host {server.addr} is no longer the primary"
+                            if server.state == SV_IDLE:
+                                server.close(server.close_reason)
             pool.launch_if_needed()
 
     def tracked_values(self, defaults: dict[str, str], overrides: dict[str, str] | None = None) -> tuple:

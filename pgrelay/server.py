@@ -13,8 +13,8 @@ from gevent import Timeout
 from . import protocol, server_login
 from .errors import ProtocolViolation, Reject, ServerError
 from .peer import Peer
-from .pool import (MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
-                   SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_server_state)
+from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
+                   SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_client_state, change_server_state)
 from .routing import HostAddr
 from .stream import RECV_SIZE, WOULD_BLOCK, Stream
 
@@ -28,6 +28,7 @@ log = logging.getLogger("pgrelay.server")
 _ids = itertools.count(1)
 _unpack = protocol._I32.unpack_from
 _Z, _S, _E, _I = 90, 83, 69, 73
+_FATAL = (b"SFATAL", b"SPANIC")
 MAX_SERVER_META_MESSAGE = 1 << 20  # ParameterStatus / ReadyForQuery bigger than this is a violation
 
 
@@ -37,7 +38,7 @@ class ServerConnection(Peer):
     __slots__ = ("relay", "pool", "id", "addr", "stream", "sock", "state", "client", "expect", "txstatus",
                  "skip", "carry", "pvals", "params", "key", "connect_time", "idle_since", "cancels",
                  "close_reason", "out", "paused", "paused_by", "swallow", "sync_data", "sync_queries",
-                 "sync_error", "limit_keys", "__weakref__")
+                 "sync_error", "limit_keys", "fatal_at", "fatal_message", "__weakref__")
 
     def __init__(self, relay: "Relay", pool: "Pool"):
         self.relay = relay
@@ -45,6 +46,8 @@ class ServerConnection(Peer):
         self.id = next(_ids)
         self.addr: HostAddr | None = None  # chosen when logging in
         self.limit_keys: tuple = ()
+        self.fatal_at = -1          # where in the last buffer a FATAL from the server began
+        self.fatal_message = b""    # that FATAL, held back unless the client is disconnected
         self.stream: Stream | None = None
         self.sock = None
         self.state = SV_LOGIN
@@ -114,24 +117,28 @@ class ServerConnection(Peer):
         self.pool.server_ready(self)
 
     def _choose_and_connect(self, route) -> None:
-        """Pick the host (the hook may refuse) and connect; with several hosts, a refused connection
-        triggers a fresh health check and one more choice (a failover may just have happened)."""
+        """Pick the host (the hook may refuse) and connect. With several hosts, a refusal or a failed
+        connection triggers one fresh check of all hosts and one more choice: a failover may just
+        have happened."""
+        candidates = route.hosts + tuple(r for r in route.replicas if r not in route.hosts)
         for attempt in (1, 2):
             chosen = self.relay.choose_host(self.pool)
             if isinstance(chosen, Reject):
+                if attempt == 1 and len(candidates) > 1:
+                    self.relay.health.check(candidates)
+                    continue
                 raise ServerError(chosen.message, {"S": "FATAL", "C": chosen.sqlstate, "M": chosen.message,
                                                    **({"H": chosen.hint} if chosen.hint else {}),
-                                                   **({"D": chosen.detail} if chosen.detail else {})})
+                                                   **({"D": chosen.detail} if chosen.detail else {})},
+                                  routing=True)
             self.addr = chosen
             try:
                 self.stream = server_login.connect(self.relay, chosen)
                 return
             except ServerError:
-                candidates = route.hosts + route.replicas
                 if attempt == 2 or len(candidates) < 2:
                     raise
-                for addr in candidates:
-                    self.relay.health.check(addr)
+                self.relay.health.check(candidates)
 
     def _discard(self) -> None:
         self.state = SV_CLOSED
@@ -173,6 +180,9 @@ class ServerConnection(Peer):
             zs = 0
         else:
             zs = self._scan(data)
+            if self.fatal_at >= 0:
+                self._server_fatal(data, zs)
+                return
         client = self.client
         client.pool.stats.bytes_received += n
         if client.out is None:
@@ -203,14 +213,26 @@ class ServerConnection(Peer):
                     self.close("transaction blocks not allowed in statement pooling mode")
                     client.disconnect("transaction blocks not allowed in statement pooling mode", reject)
 
+    def _server_fatal(self, data: bytes, zs: int) -> None:
+        """Forward what preceded the server's FATAL, then handle the server as lost."""
+        at, self.fatal_at = self.fatal_at, -1
+        client = self.client
+        if at:
+            client.write(data[:at])
+        expect = self.expect - zs
+        self.expect = expect if expect > 0 else 0
+        self.lost(self.close_reason)
+
     def _scan(self, data: bytes) -> int:
         """Count ReadyForQuery messages (keeping the last status) and apply ParameterStatus."""
         if self.carry:
             buf = self.carry + data
+            offset = len(self.carry)
             self.carry = b""
             pos = 0
         else:
             buf = data
+            offset = 0
             pos = self.skip
         n = len(buf)
         zs = 0
@@ -233,6 +255,18 @@ class ServerConnection(Peer):
                 if end > n:
                     break
                 self._parameter_status(buf[pos + 5:end])
+            elif kind == _E and self.pool.mode:
+                # In transaction/statement pooling a server's FATAL (e.g. an administrator's shutdown)
+                # must not reach the client: its connection to pgrelay lives on (see _server_fatal).
+                if pos + 11 > n:
+                    break
+                if buf[pos + 5:pos + 11] in _FATAL and pos >= offset:
+                    self.fatal_at = pos - offset
+                    self.fatal_message = bytes(buf[pos:end]) if end <= n else b""
+                    fields = protocol.parse_fields(buf[pos + 5:end]) if end <= n else {}
+                    self.close_reason = "server sent FATAL: " + fields.get("M", "connection terminated")
+                    self.skip = 0
+                    return zs
             pos = end
         if pos < n:
             self.carry = buf[pos:]
@@ -359,22 +393,27 @@ class ServerConnection(Peer):
     def lost(self, reason: str) -> None:
         """The server failed under us: close it and tell its client.
 
-        In transaction and statement pooling, when nothing was cut mid-message and queries were
-        in flight, the client gets an ERROR and ReadyForQuery for each of them and stays connected
-        (its next transaction gets another server, e.g. after a failover). Otherwise the client is
+        In transaction and statement pooling, when nothing was cut mid-message, the client stays
+        connected: queries in flight each get an ERROR 08006 and ReadyForQuery, and a client whose
+        queries had all completed is simply back to idle; its next transaction gets another server
+        (e.g. after a failover). A client inside a transaction, or in session pooling, is
         disconnected with PgBouncer's "server conn crashed?".
         """
         client = self.client
-        expect = self.expect
+        expect, txstatus = self.expect, self.txstatus
         clean_cut = not self.skip and not self.carry and self.state == SV_ACTIVE
         self.close(reason)
         if client is None:
             return
-        if client.pool.mode and clean_cut and expect > 0 and client.at_boundary() and client.out is None:
-            error = Reject(f"server connection lost: {reason}", "08006", severity="ERROR",
-                           hint="The transaction was rolled back; retry it.")
-            client.fail_queries(error, expect)
+        if client.pool.mode and clean_cut and client.at_boundary() and client.out is None \
+                and (expect > 0 or txstatus == _I):
+            change_client_state(client, CL_IDLE)
+            if expect > 0:
+                client.fail_queries(Reject(f"server connection lost: {reason}", "08006", severity="ERROR",
+                                           hint="The transaction was rolled back; retry it."), expect)
         else:
+            if self.fatal_message:  # the server's own reason, as it came, before pgrelay's
+                client.write(self.fatal_message)
             client.disconnect("server conn crashed?", Reject("server conn crashed?"))
 
     def close(self, reason: str) -> None:
