@@ -117,22 +117,28 @@ class Relay:
         changed = new.changed(self.config)
         fixed = {name for name in changed if name in self.registry.settings
                  and not self.registry.settings[name].reload}
+        sections = dict(new.sections)
+        if "[listeners]" in changed:  # ports are bound at startup
+            fixed.add("[listeners]")
+            sections["listeners"] = self.config.section("listeners")
         for name in sorted(fixed):
             log.warning("setting %s cannot be changed by a reload; restart pgrelay to apply it", name)
         values = dict(new.values)
         for name in fixed:
-            values[name] = self.config.values[name]
+            if name in values:
+                values[name] = self.config.values[name]
         old, old_state = self.config, dict(self.plugin_data)
-        self.config = Config(values=values, sections=new.sections, path=new.path, warnings=new.warnings)
+        self.config = Config(values=values, sections=sections, path=new.path, warnings=new.warnings)
         try:
             client_tls(self.config), server_tls(self.config)  # refuse unreadable certificates now
+            listener_specs(new)  # a bad [listeners] line is refused even though ports wait for a restart
             self.configure()
         except ConfigError as exc:
             log.error("config reload failed, keeping the old configuration: %s", exc)
             self.config, self.plugin_data = old, old_state
             return False
         self._apply_config()
-        for pool in self.pools.values():
+        for pool in list(self.pools.values()):
             pool.configure(pool.route)
         logs.setup(self.config)
         for warning in new.warnings:
@@ -147,7 +153,7 @@ class Relay:
         log.info("shutdown requested (%s)", mode)
         self.shutting_down = True
         self.listeners.stop()
-        for pool in self.pools.values():
+        for pool in list(self.pools.values()):
             for server in list(pool.servers):
                 server.close_reason = "pooler is shutting down"
                 if server in pool.idle:
@@ -164,7 +170,7 @@ class Relay:
             return
         for client in list(self.clients.values()):
             client.disconnect("server shutting down", Reject("server shutting down", "57P01"))
-        for pool in self.pools.values():
+        for pool in list(self.pools.values()):
             for server in list(pool.servers):
                 server.close("pooler is shutting down")
         if self._janitor:
