@@ -24,12 +24,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgrelay")
 
 # Lag is 0 on a primary, and on a standby that has replayed all it received (an idle primary
-# must not make its standbys look late); otherwise the age of the last replayed transaction.
+# must not make its standbys look late); otherwise the age of the last replayed transaction, or
+# UNKNOWN_LAG if it has received WAL but replayed no transaction yet.
+UNKNOWN_LAG = 86400.0
 HEALTH_QUERY = (
     "SELECT pg_catalog.pg_is_in_recovery(), "
     "CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN 0 "
     "WHEN pg_catalog.pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_catalog.pg_last_wal_replay_lsn() THEN 0 "
-    "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()), 0) END"
+    "ELSE COALESCE(EXTRACT(EPOCH FROM pg_catalog.now() - pg_catalog.pg_last_xact_replay_timestamp()), "
+    f"{UNKNOWN_LAG}) END"
 )
 
 

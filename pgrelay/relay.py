@@ -53,7 +53,8 @@ class Relay:
         self.clients: dict[int, Any] = {}
         self.cancel_keys: dict[bytes, Any] = {}
         self.disconnects: collections.Counter[str] = collections.Counter()
-        self.shutting_down = False
+        self.shutting_down = False     # no new server connections are opened
+        self.shutdown_requested = False
         self.stopped = Event()
         self.listeners = Listeners(self)
         self.health = HealthMonitor(self)
@@ -147,17 +148,24 @@ class Relay:
         return True
 
     def shutdown(self, mode: str = "fast") -> None:
-        """Stop accepting; then stop at once, after active servers are released, or after clients leave."""
-        if self.shutting_down:
+        """Stop accepting; then stop at once, after active servers are released, or after clients leave.
+
+        As in PgBouncer: SIGINT (wait_for_servers) lets running transactions finish but gives no
+        new server to anyone; SIGTERM (wait_for_clients) serves connected clients normally until
+        the last one leaves; a second signal, or SIGQUIT (fast), stops at once.
+        """
+        if self.shutdown_requested:
             mode = "fast"
+        self.shutdown_requested = True
         log.info("shutdown requested (%s)", mode)
-        self.shutting_down = True
         self.listeners.stop()
-        for pool in list(self.pools.values()):
-            for server in list(pool.servers):
-                server.close_reason = "pooler is shutting down"
-                if server in pool.idle:
-                    server.close(server.close_reason)
+        if mode != "wait_for_clients":  # SIGTERM keeps serving connected clients until they leave
+            self.shutting_down = True
+            for pool in list(self.pools.values()):
+                for server in list(pool.servers):
+                    server.close_reason = "pooler is shutting down"
+                    if server in pool.idle:
+                        server.close(server.close_reason)
         self.hook.pgrelay_shutdown(relay=self, mode=mode)
         if mode == "wait_for_servers":
             while any(s.state == SV_ACTIVE for p in self.pools.values() for s in p.servers) \
@@ -168,6 +176,7 @@ class Relay:
                 gevent.sleep(0.1)
         if self.stopped.is_set():
             return
+        self.shutting_down = True
         for client in list(self.clients.values()):
             client.disconnect("server shutting down", Reject("server shutting down", "57P01"))
         for pool in list(self.pools.values()):

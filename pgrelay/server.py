@@ -437,8 +437,9 @@ class ServerConnection(Peer):
                 self.stream.try_send(protocol.TERMINATE)
             self.stream.close()
         route = self.pool.route
-        log.info("S-%d: %s/%s@%s closing because: %s (age=%ds)", self.id, route.dbname, route.server_user,
-                 self.addr, reason, time.monotonic() - self.connect_time)
+        if self.relay.config.log_disconnections:
+            log.info("S-%d: %s/%s@%s closing because: %s (age=%ds)", self.id, route.dbname, route.server_user,
+                     self.addr, reason, time.monotonic() - self.connect_time)
         self.relay.server_disconnected(self, reason)
 
     # -- cancel -------------------------------------------------------------------------------
