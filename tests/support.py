@@ -136,6 +136,26 @@ def wait_until(predicate, timeout: float = 10, interval: float = 0.05, message: 
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+# -- psycopg2 shortcuts ----------------------------------------------------------------------
+
+def connect(relay: RelayProcess, **kw):
+    """A psycopg2 connection through `relay`, in autocommit mode."""
+    import psycopg2
+    conn = psycopg2.connect(relay.dsn(**kw), connect_timeout=10)
+    conn.autocommit = True
+    return conn
+
+
+def row(conn, sql: str, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
+
+
+def scalar(conn, sql: str, args=None):
+    return row(conn, sql, args)[0]
+
+
 # -- a raw protocol client -------------------------------------------------------------------
 
 def startup_packet(user: str = "postgres", database: str = "postgres", version: int = 196608, **params) -> bytes:
@@ -195,6 +215,14 @@ class RawClient:
     def query(self, sql: str) -> list[tuple[bytes, bytes]]:
         self.send(query_message(sql))
         return self.read_until(b"Z")
+
+    def read_reply(self, timeout: float = 5) -> list[tuple[bytes, bytes]] | None:
+        """Messages up to ReadyForQuery, or None if none came within `timeout` seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            return self.read_until(b"Z")
+        except TimeoutError:
+            return None
 
     def read_error(self) -> dict[str, str]:
         """The next message, which must be an ErrorResponse; returns its fields."""

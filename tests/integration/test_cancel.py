@@ -15,22 +15,12 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from ..support import RawClient, wait_until
+from ..support import RawClient, connect, scalar, wait_until
 
 CANCEL_REQUEST_CODE = 80877102
 USER_CANCEL = "canceling statement due to user request"
 
 
-def connect(relay, **kw):
-    conn = psycopg2.connect(relay.dsn(**kw), connect_timeout=10)
-    conn.autocommit = True
-    return conn
-
-
-def one(conn, sql, args=None):
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()[0]
 
 
 def active_on_server(pg, application_name: str) -> int:
@@ -88,7 +78,7 @@ def test_cancel_through_pooler(relay, pg):
     assert isinstance(outcome.exc, psycopg2.errors.QueryCanceled), outcome.exc
     assert outcome.exc.pgcode == "57014"
     assert USER_CANCEL in str(outcome.exc)
-    assert one(conn, "SELECT 40 + 2") == 42
+    assert scalar(conn, "SELECT 40 + 2") == 42
     conn.close()
 
 
@@ -143,8 +133,8 @@ def test_cancel_spam_does_not_hit_next_client(make_relay, pg):
     assert isinstance(a.exc, psycopg2.errors.QueryCanceled), a.exc
     assert b.exc is None, f"client B got {b.exc!r} although only A was cancelled"
     assert b.row == ("", "b done")
-    assert one(conn_a, "SELECT 1") == 1
-    assert one(conn_b, "SELECT 2") == 2
+    assert scalar(conn_a, "SELECT 1") == 1
+    assert scalar(conn_b, "SELECT 2") == 2
     conn_a.close()
     conn_b.close()
 
@@ -248,7 +238,7 @@ def test_cancel_race_many_clients(make_relay):
     assert stats["canceller_canceled"] >= 10, stats
     assert stats["victim_queries"] >= 50, stats
     conn = connect(relay)
-    assert one(conn, "SELECT 1") == 1
+    assert scalar(conn, "SELECT 1") == 1
     conn.close()
 
 
@@ -264,8 +254,8 @@ def test_unknown_cancel_key_ignored(relay, pg):
     outcome.wait(5)
     assert outcome.exc is None, outcome.exc
     assert outcome.row == ("", "finished")
-    assert one(conn, "SELECT 5") == 5
+    assert scalar(conn, "SELECT 5") == 5
     conn.close()
     fresh = connect(relay)
-    assert one(fresh, "SELECT 6") == 6
+    assert scalar(fresh, "SELECT 6") == 6
     fresh.close()

@@ -231,14 +231,6 @@ def test_copy_inside_explicit_transaction(make_relay, pg):
     pg.psql("DROP TABLE copy_tx")
 
 
-def read_reply(raw: RawClient, timeout: float = 5) -> list[tuple[bytes, bytes]] | None:
-    """Messages up to ReadyForQuery, or None if none came within `timeout` seconds."""
-    raw.sock.settimeout(timeout)
-    try:
-        return raw.read_until(b"Z")
-    except TimeoutError:
-        return None
-
 
 def test_copy_error_while_client_is_mid_message_keeps_streams_apart(make_relay, pg):
     """PostgreSQL answers a bad COPY row with ErrorResponse + ReadyForQuery while the client may still be
@@ -255,7 +247,7 @@ def test_copy_error_while_client_is_mid_message_keeps_streams_apart(make_relay, 
     head = b"1\t" + b"x" * 1000
     # One write: a bad row, then the first 1,007 bytes of a 100,005-byte CopyData message.
     a.send(message(b"d", b"oops\tbad\n") + b"d" + struct.pack("!I", payload_len + 4) + head)
-    reply = read_reply(a)
+    reply = a.read_reply()
     assert reply is not None and [k for k, _ in reply] == [b"E", b"Z"], reply
     fields = error_fields(reply[0][1])
     assert (fields["C"], fields["M"]) == ("22P02", 'invalid input syntax for type integer: "oops"')
@@ -263,8 +255,8 @@ def test_copy_error_while_client_is_mid_message_keeps_streams_apart(make_relay, 
     b.send(query_message("SELECT 'b'"))  # another client wants the (only) server now
     time.sleep(0.3)  # let pgrelay read B's query before the rest of A's message arrives
     a.send(b"x" * (payload_len - len(head) - 1) + b"\n" + message(b"c") + query_message("SELECT 'a'"))
-    reply_a = read_reply(a)
-    reply_b = read_reply(b, 5 if reply_a is not None else 0.5)
+    reply_a = a.read_reply()
+    reply_b = b.read_reply(5 if reply_a is not None else 0.5)
     assert reply_a is not None, "client A got no reply: its CopyData tail and query are stuck"
     assert reply_b is not None, "client B got no reply: its query went into the middle of A's CopyData"
     assert [body for kind, body in reply_a if kind == b"D"] == [b"\0\x01\0\0\0\x01a"]

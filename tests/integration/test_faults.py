@@ -16,7 +16,7 @@ import pytest
 
 from pgrelay.tempdb import free_port
 
-from ..support import RawClient, query_message, startup_packet, wait_until
+from ..support import RawClient, connect, query_message, row, startup_packet, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,16 +55,6 @@ time.sleep(60)
 """
 
 
-def connect(relay, **kw):
-    conn = psycopg2.connect(relay.dsn(**kw), connect_timeout=10)
-    conn.autocommit = True
-    return conn
-
-
-def one(conn, sql, args=None):
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()
 
 
 def row_values(body: bytes) -> list[str]:
@@ -133,7 +123,7 @@ def test_client_killed_mid_transaction(make_relay, pg, fault_table, statement):
     kill(proc)
     conn = connect(relay)
     try:
-        pid, fresh_xact, no_xid = one(conn, "SELECT pg_backend_pid(), now() = statement_timestamp(), "
+        pid, fresh_xact, no_xid = row(conn, "SELECT pg_backend_pid(), now() = statement_timestamp(), "
                                             "txid_current_if_assigned() IS NULL")
         # The killed client's server was closed, not reused: the one server of the pool is new.
         assert pid != killed_pid
@@ -169,8 +159,8 @@ def test_client_killed_mid_result(make_relay, pg):
     waiter.close()
     conn = connect(relay)
     try:
-        assert one(conn, "SELECT count(*) FROM generate_series(1, 10)") == (10,)
-        assert one(conn, "SELECT pg_backend_pid()")[0] != killed_pid
+        assert row(conn, "SELECT count(*) FROM generate_series(1, 10)") == (10,)
+        assert row(conn, "SELECT pg_backend_pid()")[0] != killed_pid
     finally:
         conn.close()
     wait_until(lambda: not backend_exists(pg, killed_pid), message=f"backend {killed_pid} to be closed")
@@ -182,7 +172,7 @@ def terminate(pg, pid: int) -> None:
     direct = psycopg2.connect(pg.dsn())
     direct.autocommit = True
     try:
-        assert one(direct, "SELECT pg_terminate_backend(%s)", (pid,)) == (True,)
+        assert row(direct, "SELECT pg_terminate_backend(%s)", (pid,)) == (True,)
     finally:
         direct.close()
     wait_until(lambda: not backend_exists(pg, pid), message=f"the terminated backend {pid} to exit")
@@ -194,9 +184,9 @@ def test_backend_terminated_in_session_mode(make_relay, pg):
     raw_victim = RawClient(relay.port)
     raw_victim.login()
     other = connect(relay)
-    victim_pid = one(victim, "SELECT pg_backend_pid()")[0]
+    victim_pid = row(victim, "SELECT pg_backend_pid()")[0]
     raw_pid = int(row_values(raw_victim.query("SELECT pg_backend_pid()")[1][1])[0])
-    other_pid = one(other, "SELECT pg_backend_pid()")[0]
+    other_pid = row(other, "SELECT pg_backend_pid()")[0]
     assert len({victim_pid, raw_pid, other_pid}) == 3
     terminate(pg, victim_pid)
     terminate(pg, raw_pid)
@@ -210,13 +200,13 @@ def test_backend_terminated_in_session_mode(make_relay, pg):
     raw_victim.close()
     # libpq may only report the closed socket (it can lose the FATAL messages on a reset), but it errs.
     with pytest.raises(psycopg2.OperationalError):
-        one(victim, "SELECT 1")
+        row(victim, "SELECT 1")
     assert victim.closed
     # The other client keeps its own server.
-    assert one(other, "SELECT pg_backend_pid()") == (other_pid,)
+    assert row(other, "SELECT pg_backend_pid()") == (other_pid,)
     fresh = connect(relay)
     try:
-        pid, value = one(fresh, "SELECT pg_backend_pid(), 1 + 1")
+        pid, value = row(fresh, "SELECT pg_backend_pid(), 1 + 1")
         assert value == 2
         assert pid not in (victim_pid, raw_pid, other_pid)
     finally:
@@ -228,19 +218,19 @@ def test_backend_terminated_in_session_mode(make_relay, pg):
 def test_idle_server_terminated_in_transaction_mode(make_relay, pg):
     relay = make_relay(settings={"default_pool_size": 1})
     conn = connect(relay)
-    dead_pid = one(conn, "SELECT pg_backend_pid()")[0]  # the server is now idle in the pool
+    dead_pid = row(conn, "SELECT pg_backend_pid()")[0]  # the server is now idle in the pool
     closes_before = len(re.findall(r"S-\d+: .* closing because", relay.log()))
     terminate(pg, dead_pid)
     wait_until(lambda: len(re.findall(r"S-\d+: .* closing because", relay.log())) > closes_before,
                message="pgrelay to drop the dead idle server")
     # The same client, and new ones, keep working on a new server.
-    pid, value = one(conn, "SELECT pg_backend_pid(), 'still here'")
+    pid, value = row(conn, "SELECT pg_backend_pid(), 'still here'")
     assert value == "still here"
     assert pid != dead_pid
     for n in range(10):
         fresh = connect(relay)
         try:
-            assert one(fresh, "SELECT %s::int", (n,)) == (n,)
+            assert row(fresh, "SELECT %s::int", (n,)) == (n,)
         finally:
             fresh.close()
     conn.close()
@@ -273,7 +263,7 @@ def test_server_refuses_connections(make_relay, pg):
     # The other database is served all along.
     conn = connect(relay)
     try:
-        assert one(conn, "SELECT current_database()") == ("postgres",)
+        assert row(conn, "SELECT current_database()") == ("postgres",)
     finally:
         conn.close()
 
@@ -309,7 +299,7 @@ def test_server_connect_timeout(make_relay, pg):
         served = time.monotonic()
         conn = connect(relay)
         try:
-            assert one(conn, "SELECT 'served meanwhile'") == ("served meanwhile",)
+            assert row(conn, "SELECT 'served meanwhile'") == ("served meanwhile",)
         finally:
             conn.close()
         assert time.monotonic() - served < 1.5

@@ -159,13 +159,6 @@ def test_raw_parse_bind_execute_many_before_one_sync(make_relay):
         raw.close()
 
 
-def read_reply(raw: RawClient, timeout: float = 5) -> list[tuple[bytes, bytes]] | None:
-    raw.sock.settimeout(timeout)
-    try:
-        return raw.read_until(b"Z")
-    except TimeoutError:
-        return None
-
 
 @pytest.mark.smoke
 def test_messages_pipelined_after_a_sync_stay_with_their_client(make_relay):
@@ -178,15 +171,15 @@ def test_messages_pipelined_after_a_sync_stay_with_their_client(make_relay):
     b.login()
     a.send(parse_bind_execute("SELECT 'first batch of A'") + message(b"S")
            + parse_bind_execute("SELECT 'second batch of A'"))
-    reply = read_reply(a)
+    reply = a.read_reply()
     assert reply is not None
     assert [datarow_value(body) for kind, body in reply if kind == b"D"] == ["first batch of A"]
     time.sleep(0.3)  # the first Sync's ReadyForQuery has passed through pgrelay
     b.send(query_message("SELECT 'b'"))
     time.sleep(0.3)
     a.send(message(b"S"))
-    reply_a = read_reply(a)
-    reply_b = read_reply(b)
+    reply_a = a.read_reply()
+    reply_b = b.read_reply()
     assert reply_b is not None, "client B got no reply"
     assert [datarow_value(body) for kind, body in reply_b if kind == b"D"] == ["b"], \
         f"client B received another client's results: {reply_b}"

@@ -8,25 +8,15 @@ import time
 import psycopg2
 import pytest
 
-from ..support import RawClient, error_fields, query_message, wait_until
+from ..support import RawClient, connect, error_fields, query_message, scalar, wait_until
 
 STATEMENT_REFUSAL = "transaction blocks not allowed in statement pooling mode"
 
 
-def connect(relay, **kw):
-    conn = psycopg2.connect(relay.dsn(**kw))
-    conn.autocommit = True
-    return conn
-
-
-def one(conn, sql, args=None):
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()[0]
 
 
 def backend_pid(conn) -> int:
-    return one(conn, "SELECT pg_backend_pid()")
+    return scalar(conn, "SELECT pg_backend_pid()")
 
 
 def ensure_role(pg, name: str) -> None:
@@ -37,7 +27,7 @@ def ensure_role(pg, name: str) -> None:
 def fresh_client_works(relay, **kw) -> None:
     conn = connect(relay, **kw)
     try:
-        assert one(conn, "SELECT 6 * 7") == 42
+        assert scalar(conn, "SELECT 6 * 7") == 42
     finally:
         conn.close()
 
@@ -75,8 +65,8 @@ def test_session_mode_keeps_one_server_and_resets_it_for_the_next_client(make_re
     first.autocommit = True
     with first.cursor() as cur:
         cur.execute("SET myapp.x = '1'")
-    assert one(first, "SELECT current_setting('myapp.x', true)") == "1"
-    assert one(first, "SHOW myapp.x") == "1"  # a SET persists across statements in session mode
+    assert scalar(first, "SELECT current_setting('myapp.x', true)") == "1"
+    assert scalar(first, "SHOW myapp.x") == "1"  # a SET persists across statements in session mode
     first.close()
 
     # server_reset_query (DISCARD ALL) ran on the released server before it went back to the pool.
@@ -87,7 +77,7 @@ def test_session_mode_keeps_one_server_and_resets_it_for_the_next_client(make_re
     try:
         assert backend_pid(second) == pid  # the same server was reused...
         # ...after the reset: the placeholder exists ('' after RESET) but the value is gone.
-        assert one(second, "SELECT current_setting('myapp.x', true)") == ""
+        assert scalar(second, "SELECT current_setting('myapp.x', true)") == ""
     finally:
         second.close()
 
@@ -158,18 +148,18 @@ def test_transaction_mode_server_reset_query_only_with_reset_always(make_relay, 
         wait_until(lambda: pg.psql(f"SELECT query FROM pg_stat_activity WHERE pid = {pid}") == "DISCARD ALL",
                    message="DISCARD ALL after the transaction")
     # The client's own tracked parameter is re-applied even after a reset.
-    assert one(a, "SHOW TimeZone") == "Asia/Tokyo"
+    assert scalar(a, "SHOW TimeZone") == "Asia/Tokyo"
     a.close()
 
     b = connect(relay)
     try:
         assert backend_pid(b) == pid
-        seen = one(b, "SELECT current_setting('myapp.x', true)")
+        seen = scalar(b, "SELECT current_setting('myapp.x', true)")
         if reset_always:
             assert seen == ""
         else:
             assert seen == "1"  # documented PgBouncer behaviour: session state leaks in transaction mode
-        assert one(b, "SHOW TimeZone") == pg.psql("SHOW TimeZone")
+        assert scalar(b, "SHOW TimeZone") == pg.psql("SHOW TimeZone")
     finally:
         b.close()
 
@@ -183,7 +173,7 @@ def test_statement_mode_single_statements_work_and_begin_is_refused(make_relay):
     try:
         pids = {backend_pid(a), backend_pid(b), backend_pid(a)}
         assert len(pids) == 1
-        assert one(a, "SELECT count(*) FROM generate_series(1, 100)") == 100
+        assert scalar(a, "SELECT count(*) FROM generate_series(1, 100)") == 100
     finally:
         a.close()
         b.close()
@@ -231,7 +221,7 @@ def test_pool_mode_per_database_and_per_user(make_relay, pg):
     conn = connect(relay, dbname="sessdb")
     try:
         conn.autocommit = False
-        assert one(conn, "SELECT 1") == 1
+        assert scalar(conn, "SELECT 1") == 1
         conn.commit()
     finally:
         conn.close()

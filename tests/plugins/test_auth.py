@@ -12,18 +12,6 @@ SCRAM = ("SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0c2FsdA==$"
          "0J0nSlbWm3kvbXplwk0Mj2jTDn6ZyHrr9i1HIQbMAjs=:LELSxnJ7IWZ2GphSuXXJ0LeoCxq7CJO/hNX0TfkBw1A=")
 
 
-@pytest.fixture(autouse=True)
-def restore_pgrelay_logger():
-    """Relay.reload() reconfigures the 'pgrelay' logger (stderr handler, no propagation): undo that."""
-    logger = logging.getLogger("pgrelay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    for handler in list(logger.handlers):
-        if handler not in saved[0]:
-            logger.removeHandler(handler)
-            handler.close()
-    logger.propagate, logger.level = saved[1], saved[2]
-
 
 def login(user):
     return Login(client_id=1, listener=Listener("test", "127.0.0.1", 6432), peer="127.0.0.1:40000",

@@ -1,6 +1,5 @@
 """plugins/limits.py: max_client_conn counted over the relay's clients, as PgBouncer does."""
 
-import logging
 
 import pytest
 
@@ -10,18 +9,6 @@ from pgrelay_plugins import limits
 
 MAX_CLIENT_CONN_REJECT = Reject("no more connections allowed (max_client_conn)", "53300")
 
-
-@pytest.fixture(autouse=True)
-def restore_pgrelay_logger():
-    """Relay.reload() reconfigures the 'pgrelay' logger (stderr handler, no propagation): undo that."""
-    logger = logging.getLogger("pgrelay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    for handler in list(logger.handlers):
-        if handler not in saved[0]:
-            logger.removeHandler(handler)
-            handler.close()
-    logger.propagate, logger.level = saved[1], saved[2]
 
 
 def login():
