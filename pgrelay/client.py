@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from gevent import Timeout
 
 from . import protocol
-from .errors import ClientGone, LoginTimeout, PgRelayError, ProtocolViolation, Reject, RejectError
+from .errors import (FEATURE_NOT_SUPPORTED, QUERY_CANCELED, ClientGone, LoginTimeout, ProtocolViolation, Reject,
+                     RejectError)
 from .peer import Peer
 from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_SYNC,
                    change_client_state, link)
@@ -176,9 +177,9 @@ class ClientConnection(Peer):
             major, minor = code >> 16, code & 0xFFFF
             if major != 3:
                 if major < 3:
-                    raise RejectError(Reject("old V2 protocol not supported", "0A000"))
+                    raise RejectError(Reject("old V2 protocol not supported", FEATURE_NOT_SUPPORTED))
                 raise RejectError(Reject(f"unsupported frontend protocol {major}.{minor}: "
-                                         "server supports 3.0", "0A000"))
+                                         "server supports 3.0", FEATURE_NOT_SUPPORTED))
             body = header[4:] + stream.read_exact(length - 8)
             try:
                 pairs = protocol.parse_startup_params(body)
@@ -266,7 +267,7 @@ class ClientConnection(Peer):
         if not data:
             self.disconnect("client unexpected eof")
             return
-        try:
+        try:  # _handle_safely, inlined: this runs for every read on the hot path
             self._handle(data)
         except ProtocolViolation as exc:
             self.disconnect(str(exc), self.relay.translate_error(exc, "relay", self))
@@ -482,7 +483,7 @@ class ClientConnection(Peer):
         relay = self.relay
         self.close_reason = reason
         if error is not None:
-            if relay.config.log_pooler_errors and error.sqlstate != "57014":
+            if relay.config.log_pooler_errors and error.sqlstate != QUERY_CANCELED:
                 log.warning("%s pooler error: %s", self.label, error.message)
             data = error.encode()
             if self.out is not None:
@@ -505,14 +506,13 @@ class ClientConnection(Peer):
             self.paused.paused_by = None
             self.paused.start_reading()
             self.paused = None
-        was_login = self.state == CL_LOGIN
         change_client_state(self, CL_CLOSED)
         self.pending = b""
         self.stream.close()
         relay.forget_client(self)
         if log_it and relay.config.log_disconnections:
             log.info("%s closing because: %s (age=%ds)", self.label, reason, time.monotonic() - self.connect_time)
-        relay.client_disconnected(self, reason, was_login)
+        relay.client_disconnected(self, reason)
 
 
 def _parse_options(text: str) -> list[tuple[str, str]]:
@@ -554,5 +554,3 @@ def _parse_options(text: str) -> list[tuple[str, str]]:
         out.append((name.replace("-", "_"), value))
     return out
 
-
-__all__ = ["ClientConnection", "PgRelayError"]

@@ -131,12 +131,6 @@ class Listeners:
         if bound in self.bound:
             bound.watcher.start(self._on_accept, bound)
 
-    def addresses(self) -> list[str]:
-        out = []
-        for bound in self.bound:
-            out.append(bound.unix_path if bound.unix_path else _format_addr(bound.sock.getsockname()))
-        return out
-
     def stop(self) -> None:
         for bound in self.bound:
             bound.watcher.stop()

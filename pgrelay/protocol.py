@@ -21,10 +21,6 @@ unpack_i32 = _I32.unpack_from
 
 # Frontend (client -> server) message types valid after the startup phase.
 FRONTEND_TYPES = frozenset(b"QPBEDCHSXFdcfp")
-# A 256-entry table: VALID_FRONTEND[t] is 1 for a type byte the relay forwards as is.
-# Terminate ('X') and password messages ('p') are handled, not forwarded.
-VALID_FRONTEND = bytes(1 if t in FRONTEND_TYPES and t not in b"Xp" else 0 for t in range(256))
-
 # FRONTEND_CLASS[t]: how the relay's scanner treats a client message type.
 #   0 = not forwarded (unknown, or X/p which are handled), 1 = part of an extended-protocol batch
 #   that only a Sync completes (P B E D C), 2 = ends in ReadyForQuery (Q S F), 3 = neutral: COPY
@@ -32,11 +28,12 @@ VALID_FRONTEND = bytes(1 if t in FRONTEND_TYPES and t not in b"Xp" else 0 for t 
 FC_INVALID, FC_BATCH, FC_SYNC, FC_NEUTRAL = 0, 1, 2, 3
 FRONTEND_CLASS = bytes(FC_BATCH if t in b"PBEDC" else FC_SYNC if t in b"QSF" else FC_NEUTRAL if t in b"dcfH"
                        else FC_INVALID for t in range(256))
+# VALID_FRONTEND[t] is 1 for a type byte the relay forwards as is (Terminate and password are handled).
+VALID_FRONTEND = bytes(1 if cls else 0 for cls in FRONTEND_CLASS)
 
 READY_IDLE = b"Z\x00\x00\x00\x05I"
 AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 SSL_NO = b"N"
-EMPTY_QUERY = b"Q\x00\x00\x00\x05\x00"
 TERMINATE = b"X\x00\x00\x00\x04"
 SYNC = b"S\x00\x00\x00\x04"
 
@@ -86,15 +83,6 @@ def password_message(data: bytes) -> bytes:
 
 def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
     return message(b"p", cstr(mechanism) + pack_i32(len(data)) + data)
-
-
-# ErrorResponse / NoticeResponse field codes.
-FIELD_NAMES = {
-    "S": "severity", "V": "severity_v", "C": "sqlstate", "M": "message", "D": "detail",
-    "H": "hint", "P": "position", "p": "internal_position", "q": "internal_query",
-    "W": "where", "s": "schema", "t": "table", "c": "column", "d": "data_type",
-    "n": "constraint", "F": "file", "L": "line", "R": "routine",
-}
 
 
 def error_response(severity: str, sqlstate: str, text: str, detail: str | None = None,
@@ -159,7 +147,3 @@ def parse_parameter_status(body: bytes) -> tuple[str, str]:
 
 def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

@@ -19,7 +19,7 @@ from gevent.event import Event
 from . import client_auth, logs
 from .auth import ScramClient, ScramSecret
 from .config import Config, load_config
-from .errors import ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
+from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
 from .listener import Listeners, listener_specs
 from .plugins import make_plugin_manager
 from .pool import CL_CLOSED, SV_ACTIVE, SV_IDLE, Pool
@@ -178,7 +178,7 @@ class Relay:
             return
         self.shutting_down = True
         for client in list(self.clients.values()):
-            client.disconnect("server shutting down", Reject("server shutting down", "57P01"))
+            client.disconnect("server shutting down", Reject("server shutting down", ADMIN_SHUTDOWN))
         for pool in list(self.pools.values()):
             for server in list(pool.servers):
                 server.close("pooler is shutting down")
@@ -439,7 +439,7 @@ class Relay:
     def client_connected(self, client) -> None:
         self._notify("pgrelay_client_connected", client=client)
 
-    def client_disconnected(self, client, reason: str, during_login: bool = False) -> None:
+    def client_disconnected(self, client, reason: str) -> None:
         self.disconnects[reason] += 1
         self._notify("pgrelay_client_disconnected", client=client, reason=reason)
 
@@ -463,6 +463,7 @@ class Relay:
                 "xact_count": s.xact_count, "query_count": s.query_count, "bytes_received": s.bytes_received,
                 "bytes_sent": s.bytes_sent, "wait_time": s.wait_time, "clients": pool.nclients,
                 "waiting": len(pool.waiting), "servers": len(pool.servers), "idle_servers": len(pool.idle),
+                "server_logins": s.server_logins, "server_login_failures": s.server_login_failures,
             }
         return {"pools": pools, "clients": len(self.clients),
                 "servers": sum(len(p.servers) for p in self.pools.values()),

@@ -11,7 +11,7 @@ import gevent
 from gevent import Timeout
 
 from . import protocol, server_login
-from .errors import ProtocolViolation, Reject, ServerError
+from .errors import CONNECTION_FAILURE, ProtocolViolation, Reject, ServerError
 from .peer import Peer
 from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
                    SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_client_state, change_server_state)
@@ -409,7 +409,7 @@ class ServerConnection(Peer):
                 and (expect > 0 or txstatus == _I):
             change_client_state(client, CL_IDLE)
             if expect > 0:
-                client.fail_queries(Reject(f"server connection lost: {reason}", "08006", severity="ERROR",
+                client.fail_queries(Reject(f"server connection lost: {reason}", CONNECTION_FAILURE, severity="ERROR",
                                            hint="The transaction was rolled back; retry it."), expect)
         else:
             if self.fatal_message:  # the server's own reason, as it came, before pgrelay's
