@@ -68,12 +68,12 @@ class Relay:
         self._apply_config()
         self.configure()
 
-    def _apply_config(self) -> None:
+    def _apply_config(self, tls=None) -> None:
         """Derived state of the current config: tracked parameters and TLS contexts (re-read on reload)."""
         config = self.config
-        self.client_tls = client_tls(config)
-        self.server_tls = server_tls(config)
-        listener_specs(config)  # validate [listeners] now, with file and line
+        self.client_tls, self.server_tls = tls or (client_tls(config), server_tls(config))
+        if tls is None:
+            listener_specs(config)  # validate [listeners] now, with file and line
         self.scram_iterations = config.scram_iterations
         self.tracked = BUILTIN_TRACKED + tuple(p for p in config.track_extra_parameters
                                                if p.lower() not in {t.lower() for t in BUILTIN_TRACKED})
@@ -131,14 +131,14 @@ class Relay:
         old, old_state = self.config, dict(self.plugin_data)
         self.config = Config(values=values, sections=sections, path=new.path, warnings=new.warnings)
         try:
-            client_tls(self.config), server_tls(self.config)  # refuse unreadable certificates now
+            tls = client_tls(self.config), server_tls(self.config)  # refuse unreadable certificates now
             listener_specs(new)  # a bad [listeners] line is refused even though ports wait for a restart
             self.configure()
         except ConfigError as exc:
             log.error("config reload failed, keeping the old configuration: %s", exc)
             self.config, self.plugin_data = old, old_state
             return False
-        self._apply_config()
+        self._apply_config(tls)
         for pool in list(self.pools.values()):
             pool.configure(pool.route)
         logs.setup(self.config)
