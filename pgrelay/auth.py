@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 SCRAM_MECHANISM = "SCRAM-SHA-256"
@@ -102,6 +103,45 @@ class ScramSecret:
     def encode(self) -> str:
         b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
         return f"SCRAM-SHA-256${self.iterations}:{b64(self.salt)}${b64(self.stored_key)}:{b64(self.server_key)}"
+
+
+class DerivedSecrets:
+    """SCRAM verifiers derived from plaintext secrets (auth_file or auth_query), kept so that a login
+    attempt does not cost a PBKDF2 run (scram_iterations rounds, milliseconds of CPU in the event loop)
+    before the client has proved anything. The salt of such a verifier is deterministic, so the
+    verifier for (user, password, salt, iterations) never changes.
+
+    One entry per (user, salt, iterations), holding the password it was derived from: a changed
+    password replaces it. Least recently used entries go beyond `maxsize`. The relay starts a new
+    cache on every reload. Nothing here is ever logged; repr shows only the size.
+    """
+
+    def __init__(self, maxsize: int = 4096):
+        self.maxsize = maxsize
+        self._entries: OrderedDict[tuple[str, bytes, int], tuple[bytes, ScramSecret]] = OrderedDict()
+
+    def get(self, user: str, password: str, salt: bytes, iterations: int) -> ScramSecret:
+        key = (user, salt, iterations)
+        encoded = password.encode("utf-8")
+        entry = self._entries.get(key)
+        if entry is not None and hmac.compare_digest(entry[0], encoded):
+            self._entries.move_to_end(key)
+            return entry[1]
+        secret = ScramSecret.from_password(password, iterations, salt)
+        self._entries[key] = (encoded, secret)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+        return secret
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<DerivedSecrets: {len(self._entries)} of {self.maxsize}>"
 
 
 def _attrs(message: str) -> dict[str, str]:

@@ -136,8 +136,9 @@ def _scram(relay: "Relay", client: "ClientConnection", login: "Login", secret_te
     if secret_text is not None:
         secret = ScramSecret.parse(secret_text)
         if secret is None and not (secret_text.startswith("md5") and len(secret_text) == 35) and secret_text:
-            secret = ScramSecret.from_password(secret_text, relay.scram_iterations,
-                                               mock_salt(relay.mock_key, "plain:" + user))
+            # Derived once per (user, password, salt, iterations), not on every attempt (issue 7).
+            secret = relay.derived_secrets.get(user, secret_text, mock_salt(relay.mock_key, "plain:" + user),
+                                               relay.scram_iterations)
     cbind = relay.client_tls.cbind if client.tls else None
     mechanisms = [SCRAM_PLUS_MECHANISM, SCRAM_MECHANISM] if cbind is not None else [SCRAM_MECHANISM]
     client.stream.sendall(_auth_request(10, b"".join(protocol.cstr(m) for m in mechanisms) + b"\x00"))

@@ -35,16 +35,33 @@ class IniFile:
     sections: dict[str, list[Entry]] = field(default_factory=dict)
 
 
-_SECTION = re.compile(r"^\[\s*([^\]]+?)\s*\]$")
+_SECTION = re.compile(r"^\[\s*([^\]]+?)\s*\](.*)$")
+COMMENT_CHARS = ";#"
+# What an inline comment would look like: a ; or # after white space. PgBouncer keeps it in the
+# value (and so does pgrelay); it is only used to explain the error or warning that follows.
+_LOOKS_LIKE_COMMENT = re.compile(r"\s[;#]")
+INLINE_COMMENT_HINT = ("';' and '#' start a comment only at the beginning of a line: as in PgBouncer, a value "
+                       "runs to the end of its line, so put the comment on a line of its own")
 
 
 def read_ini(text: str, filename: str, ini: IniFile | None = None, depth: int = 0,
              section: str | None = None) -> IniFile:
-    """Parse PgBouncer's INI dialect: [section], key = value, ; and # comments, %include FILE."""
+    """Parse PgBouncer's INI dialect (libusual's cfparser.c) the way PgBouncer does.
+
+    [section] headers, `key = value` lines and %include FILE. A line whose first non-blank
+    character is ; or # is a comment. There are no inline comments: a value runs to the end of
+    its line (trailing blanks removed), ; and # included, in every section. What follows a
+    [section] header on its line is read as a line of its own, so a comment may follow a header.
+    """
     ini = ini or IniFile()
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if not line or line[0] in ";#":
+        match = _SECTION.match(line)
+        if match:
+            section = match.group(1).lower()
+            ini.sections.setdefault(section, [])
+            line = match.group(2).strip()
+        if not line or line[0] in COMMENT_CHARS:
             continue
         if line.lower().startswith("%include"):
             target = line[len("%include"):].strip()
@@ -60,11 +77,8 @@ def read_ini(text: str, filename: str, ini: IniFile | None = None, depth: int = 
                 raise ConfigError(f"{filename}:{number}: cannot read included file {path}: {exc.strerror}") from None
             read_ini(included, path, ini, depth + 1, section)
             continue
-        match = _SECTION.match(line)
-        if match:
-            section = match.group(1).lower()
-            ini.sections.setdefault(section, [])
-            continue
+        if line.startswith("["):
+            raise ConfigError(f"{filename}:{number}: syntax error, expected '[section]': {line[:80]!r}")
         if "=" not in line:
             raise ConfigError(f"{filename}:{number}: syntax error, expected 'key = value': {line[:80]!r}")
         if section is None:
@@ -100,10 +114,15 @@ class _IniFileParser(configargparse.ConfigFileParser):
                     if self.lenient:
                         continue
                     raise ConfigError(f"{entry.where}: unknown setting '{entry.key}'")
+                looks_commented = _LOOKS_LIKE_COMMENT.search(entry.value) is not None
                 try:
                     setting.parse(entry.value)
                 except ValueError as exc:
-                    raise ConfigError(f"{entry.where}: {key}: {exc}") from None
+                    hint = f"; {INLINE_COMMENT_HINT}" if looks_commented else ""
+                    raise ConfigError(f"{entry.where}: {key}: {exc}{hint}") from None
+                if looks_commented:
+                    self.warnings.append(f"{entry.where}: the value of '{key}' includes what looks like a "
+                                         f"comment: {INLINE_COMMENT_HINT}")
                 if setting.planned:
                     self.warnings.append(
                         f"{entry.where}: setting '{key}' is not implemented by pgrelay yet and is ignored")
@@ -251,6 +270,8 @@ def parse_connstr(text: str, where: str = "") -> dict[str, str]:
             pos += 1
         if pos >= end:
             return out
+        if text[pos] in COMMENT_CHARS:
+            raise ConfigError(f"{where}: expected key=value in {text[pos:pos + 40]!r}; {INLINE_COMMENT_HINT}")
         eq = text.find("=", pos)
         if eq < 0:
             raise ConfigError(f"{where}: expected key=value in {text[pos:pos + 40]!r}")

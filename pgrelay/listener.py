@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgrelay")
 
 ACCEPTS_PER_WAKEUP = 64
+# PgBouncer's value for TCP_DEFER_ACCEPT when tcp_defer_accept is on (Linux rounds it up to a
+# number of SYN-ACK retransmissions and reports that back as seconds).
+DEFER_ACCEPT_SECONDS = 45
 
 
 class _Bound:
@@ -68,6 +71,7 @@ class Listeners:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
             sock.listen(self.relay.config.listen_backlog)
+            defer_accept(sock, self.relay.config.tcp_defer_accept)
         except OSError:
             sock.close()
             raise
@@ -142,6 +146,16 @@ class Listeners:
                 except OSError:
                     pass
         self.bound = []
+
+
+def defer_accept(sock, enabled: bool) -> None:
+    """tcp_defer_accept on a TCP listening socket: with it, Linux completes the handshake but hands the
+    connection to accept() only once the client has sent data (or the defer period, about
+    DEFER_ACCEPT_SECONDS, is over), so a socket that sends nothing takes no file descriptor and no
+    greenlet meanwhile. Elsewhere (no TCP_DEFER_ACCEPT) the setting has no effect, as in PgBouncer."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS if enabled else 0)
 
 
 def listener_specs(config) -> list[tuple[Listener, tuple[str, ...]]]:

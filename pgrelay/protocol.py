@@ -146,4 +146,13 @@ def parse_parameter_status(body: bytes) -> tuple[str, str]:
 
 
 def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+    """`value` as an escape string constant, E'...' with quotes and backslashes doubled, as PgBouncer
+    quotes the values of its SET batches.
+
+    It reads the same whatever standard_conforming_strings is on the server: a plain '...' would
+    take backslashes as escapes when another client left it off (C:\\temp\\ then ends the string
+    early). A NUL can never be in a PostgreSQL string and would cut the query short: ValueError.
+    """
+    if "\x00" in value:
+        raise ValueError("a NUL cannot be quoted as a PostgreSQL literal")
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"

@@ -17,7 +17,7 @@ import gevent
 from gevent.event import Event
 
 from . import client_auth, logs
-from .auth import ScramClient, ScramSecret
+from .auth import DerivedSecrets, ScramClient, ScramSecret
 from .config import Config, load_config
 from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
 from .listener import Listeners, listener_specs
@@ -75,6 +75,9 @@ class Relay:
         if tls is None:
             listener_specs(config)  # validate [listeners] now, with file and line
         self.scram_iterations = config.scram_iterations
+        # SCRAM verifiers derived from plaintext secrets: a reload starts afresh, so no password
+        # replaced in auth_file lingers in memory (a changed password is never served stale anyway).
+        self.derived_secrets = DerivedSecrets()
         self.tracked = BUILTIN_TRACKED + tuple(p for p in config.track_extra_parameters
                                                if p.lower() not in {t.lower() for t in BUILTIN_TRACKED})
         self.tracked_index = {name.lower(): i for i, name in enumerate(self.tracked)}

@@ -349,7 +349,9 @@ class ServerConnection(Peer):
         client = self.client
         if error is not None or self.txstatus != _I:
             self.close("invalid server parameter")
-            client.disconnect("invalid server parameter", error or Reject("invalid server parameter"))
+            client.disconnect("invalid server parameter",  # the client is closed: FATAL, not the server's ERROR
+                              Reject(error.message, error.sqlstate, "FATAL", error.detail, error.hint)
+                              if error is not None else Reject("invalid server parameter"))
             return
         self.pvals = client.pvals
         change_server_state(self, SV_ACTIVE)

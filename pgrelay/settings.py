@@ -155,7 +155,7 @@ CORE_SETTINGS: list[Setting] = [
     # Process and logging
     S("logfile", STR, "", True, "Also write the log to this file (stderr always gets it)."),
     S("pidfile", STR, "", False, "Write the process id to this file; removed on exit."),
-    S("verbose", INT, "0", True, "Log verbosity: 0 normal, 1 debug, 2 protocol-level detail."),
+    S("verbose", INT, "0", True, "Log verbosity: 0 normal; 1 or more adds debug lines (each new server connection)."),
     S("log_connections", BOOL, "1", True, "Log successful logins."),
     S("log_disconnections", BOOL, "1", True, "Log disconnections, with their reason."),
     S("log_pooler_errors", BOOL, "1", True, "Log the error messages pgrelay sends to clients."),
@@ -168,7 +168,11 @@ CORE_SETTINGS: list[Setting] = [
     S("listen_backlog", Int(1), "128", False, "Backlog argument for listen()."),
     S("unix_socket_dir", STR, "/tmp", False, "Directory of the Unix socket .s.PGSQL.<port>; empty disables it."),
     S("unix_socket_mode", Int(0, base=8), "0777", False, "File mode of the Unix socket."),
-    S("max_client_conn", Int(1), "100", True, "Most client connections accepted; more get an error after their StartupMessage."),
+    S("max_client_conn", Int(1), "100", True, "Most client connections accepted; more get an error after their StartupMessage. "
+      "Connections that have not sent one yet do not count."),
+    S("tcp_defer_accept", BOOL, "1", False,
+      "TCP_DEFER_ACCEPT on the TCP listening sockets, 45 seconds as in PgBouncer: the kernel hands a connection "
+      "to pgrelay only once the client has sent data (or the 45 s are over). Linux only; ignored elsewhere."),
     S("client_login_timeout", SECONDS, "60", True, "Disconnect a client that has not logged in within this time; 0 disables."),
     # Pooling
     S("pool_mode", POOL_MODE, "session", True,
@@ -267,7 +271,6 @@ PLANNED_SETTINGS: list[Setting] = [
     planned("pkt_buf", INT, "4096", "Internal buffer size (pgrelay sizes its buffers itself).", reload=False),
     planned("sbuf_loopcnt", INT, "5", "Fairness loop count (pgrelay does not need it)."),
     planned("so_reuseport", BOOL, "0", "SO_REUSEPORT on the listening sockets.", reload=False),
-    planned("tcp_defer_accept", BOOL, "1", "TCP_DEFER_ACCEPT on the listening sockets."),
     planned("tcp_socket_buffer", INT, "0", "Socket buffer size."),
     planned("tcp_keepalive", BOOL, "1", "TCP keepalive on sockets."),
     planned("tcp_keepcnt", INT, "0", "TCP keepalive probe count."),

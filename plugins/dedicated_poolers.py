@@ -12,8 +12,15 @@ from pgrelay.routing import POOLED, PRIMARY, REPLICA, ClientLimit, HostAddr, Ser
 from pgrelay.settings import POOL_MODE, STR, Enum, Int, Setting, declare
 
 from . import routes
+from .usernames import MAX_NAME_BYTES
 
-NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,11}")
+# A pooler is reached with the user name "role|name": the name is the suffix after the "|", which
+# pgrelay_parse_username refuses past MAX_NAME_BYTES (PostgreSQL's NAMEDATALEN - 1), so a longer
+# [poolers] name could never be reached. ASCII only, so that characters and bytes agree.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,%d}" % (MAX_NAME_BYTES - 1))
+NAME_RULE = (f"must be 1 to {MAX_NAME_BYTES} ASCII letters, digits, '-' or '_', starting with a letter or digit "
+             f"(a user name's parts are limited to {MAX_NAME_BYTES} bytes, as PostgreSQL's names are)")
+# "role|replica" means the direct or local-pooler replica route; "primary" is kept for symmetry.
 RESERVED = {"primary", "replica"}
 KEYS = [
     Setting("target", Enum("primary", "replica"), "primary", True,
@@ -46,11 +53,10 @@ class Pooler:
 
 
 def parse_pooler(entry) -> Pooler:
-    if entry.key in RESERVED:
+    if entry.key.lower() in RESERVED:
         raise ConfigError(f"{entry.where}: pooler name {entry.key!r} is reserved")
     if not NAME.fullmatch(entry.key):
-        raise ConfigError(f"{entry.where}: pooler name {entry.key!r} must be 1-12 lowercase letters, digits, "
-                          "'-' or '_', starting with a letter or digit")
+        raise ConfigError(f"{entry.where}: pooler name {entry.key!r} {NAME_RULE}")
     values = parse_options(entry, KEYS, "poolers")
     upstream = None
     if values["upstream"]:

@@ -1,5 +1,11 @@
 """Client limits: max_client_conn, checked after the StartupMessage as PgBouncer does.
 
+A client counts from the moment it has sent its StartupMessage (the check runs then) until it
+leaves. Connections that have sent nothing yet do not count: with tcp_defer_accept off, or after
+the defer period, silent sockets would otherwise lock real clients out until client_login_timeout.
+relay.clients still holds every connection (for shutdown); this plugin keeps the ids of those that
+count.
+
 Clients of dedicated poolers are not counted here: each pooler has its own max_client_conn
 (enforced when the client is routed), so a burst on one cannot take slots from the others.
 """
@@ -10,13 +16,32 @@ from pgrelay import hookimpl
 from pgrelay.errors import TOO_MANY_CONNECTIONS, Reject
 
 
+def counted(relay) -> set:
+    """Ids of the clients counted against max_client_conn (kept across reloads)."""
+    return relay.plugin_data.setdefault("limits", set())
+
+
 @hookimpl(trylast=True)
 def pgrelay_check_client_limits(relay, login):
     poolers = relay.plugin_data.get("poolers", {})
     suffix = login.spec.suffix if login.spec else None
     if suffix in poolers and login.listener.role == "pooled":
         return None
-    dedicated = sum(count for key, count in relay.client_counts.items() if key[0] == "pooler")
-    if len(relay.clients) - dedicated > relay.config.max_client_conn:
-        return Reject("no more connections allowed (max_client_conn)", TOO_MANY_CONNECTIONS)
+    ids = counted(relay)
+    ids.add(login.client_id)
+    limit = relay.config.max_client_conn
+    if len(ids) > limit:
+        # Departures are removed by pgrelay_client_disconnected, which runs a moment later: drop the
+        # ids of clients already gone before refusing anyone.
+        ids.intersection_update(relay.clients)
+        ids.add(login.client_id)
+        if len(ids) > limit:
+            return Reject("no more connections allowed (max_client_conn)", TOO_MANY_CONNECTIONS)
     return None
+
+
+@hookimpl
+def pgrelay_client_disconnected(relay, client, reason):
+    ids = relay.plugin_data.get("limits")
+    if ids is not None:
+        ids.discard(client.id)

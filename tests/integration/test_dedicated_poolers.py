@@ -81,15 +81,15 @@ def test_unknown_pooler(relay):
     assert_serving(relay.port, user="postgres|rb")
 
 
+NAME_RULE = ("must be 1 to 63 ASCII letters, digits, '-' or '_', starting with a letter or digit "
+             "(a user name's parts are limited to 63 bytes, as PostgreSQL's names are)")
 BAD_POOLERS = [
     ("primary = target=primary", "pooler name 'primary' is reserved"),
     ("replica = target=replica", "pooler name 'replica' is reserved"),
-    ("Reports = target=replica", "pooler name 'Reports' must be 1-12 lowercase letters, digits, '-' or '_', "
-                                 "starting with a letter or digit"),
-    ("thirteenchars = target=replica", "pooler name 'thirteenchars' must be 1-12 lowercase letters, digits, "
-                                       "'-' or '_', starting with a letter or digit"),
-    ("_hidden = target=replica", "pooler name '_hidden' must be 1-12 lowercase letters, digits, '-' or '_', "
-                                 "starting with a letter or digit"),
+    ("Replica = target=replica", "pooler name 'Replica' is reserved"),
+    ("p" * 64 + " = target=replica", f"pooler name '{'p' * 64}' {NAME_RULE}"),
+    ("read.only = target=replica", f"pooler name 'read.only' {NAME_RULE}"),
+    ("_hidden = target=replica", f"pooler name '_hidden' {NAME_RULE}"),
     ("ok = target=replica upstream=127.0.0.1:6432", "upstream is only for primary poolers"),
 ]
 
@@ -107,6 +107,21 @@ def test_bad_pooler_lines_refuse_to_start(relays, replicated, line, message):
     expected = f"pgrelay: error: {relay.ini_path}:{lineno}: {message}"
     assert expected in relay.log().splitlines(), relay.log()
     assert "exited with 1" in str(info.value)
+
+
+def test_pooler_names_as_pgbouncer_users_write_them(relays, replicated):
+    """Names like write-bouncer, capitals, and up to 63 characters (the longest suffix a user name
+    may carry) are accepted and reached; the name is matched exactly."""
+    longest = "Reporting_Replica-" + "x" * 45
+    assert len(longest) == 63
+    relay = relays.start(databases={"*": cluster_db(replicated)},
+                         sections=f"[poolers]\nwrite-bouncer = target=primary\n{longest} = target=replica\n")
+    with connect(relay.port, user="postgres|write-bouncer") as conn:
+        assert where(conn) == (False, replicated.primary.port)
+    with connect(relay.port, user=f"postgres|{longest}") as conn:
+        assert where(conn) == (True, replicated.standby.port)
+    fields = refusal(relay.port, f"postgres|{longest.lower()}")
+    assert (fields["C"], fields["M"]) == ("08P01", f'no such pooler: "{longest.lower()}"')
 
 
 # -- isolation from the local pooler ------------------------------------------------------------------

@@ -11,8 +11,8 @@ MAX_CLIENT_CONN_REJECT = Reject("no more connections allowed (max_client_conn)",
 
 
 
-def login():
-    return Login(client_id=1, listener=Listener("test", "127.0.0.1", 6432), peer="127.0.0.1:40000",
+def login(client_id=1):
+    return Login(client_id=client_id, listener=Listener("test", "127.0.0.1", 6432), peer="127.0.0.1:40000",
                  user="alice", database="db")
 
 
@@ -23,9 +23,12 @@ def make_relay(tmp_path, extra=""):
 
 
 def fill(relay, n):
-    """Placeholder clients: the limit only counts entries of relay.clients."""
+    """Placeholder clients that have sent their StartupMessage: entries of relay.clients that went
+    through the limit check (connections that have not sent one do not count)."""
     relay.clients.clear()
     relay.clients.update({i: object() for i in range(n)})
+    for i in range(n):
+        limits.pgrelay_check_client_limits(relay=relay, login=login(i))
 
 
 @pytest.mark.parametrize("clients,decision", [

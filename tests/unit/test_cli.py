@@ -20,7 +20,7 @@ from pgrelay.tempdb import free_port
 BUILTIN_HOOKS = {
     "databases": "pgrelay_add_settings, pgrelay_configure, pgrelay_find_database",
     "local_pooler": "pgrelay_add_settings, pgrelay_route_client",
-    "limits": "pgrelay_check_client_limits",
+    "limits": "pgrelay_check_client_limits, pgrelay_client_disconnected",
     "errors": "pgrelay_translate_error",
     "auth": "pgrelay_add_settings, pgrelay_choose_auth_method, pgrelay_configure, pgrelay_get_credentials",
     "usernames": "pgrelay_add_settings, pgrelay_parse_username",
