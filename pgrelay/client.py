@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -14,7 +15,8 @@ from . import protocol
 from .errors import (FEATURE_NOT_SUPPORTED, QUERY_CANCELED, ClientGone, LoginTimeout, ProtocolViolation, Reject,
                      RejectError)
 from .peer import Peer
-from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_SYNC,
+from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT,
+                   SV_SYNC,
                    change_client_state, link)
 from .routing import Login, Route
 from .stream import RECV_SIZE, WOULD_BLOCK, Stream
@@ -34,7 +36,10 @@ _CLASS = protocol.FRONTEND_CLASS
 _X = 88
 # PostgreSQL refuses any message above 1 GiB, so no longer one can be valid.
 PG_MAX_MESSAGE = 0x40000000
-MAX_PENDING = 1 << 20  # bytes a queued client may send before pgrelay stops reading it
+# Bytes a queued client may send before pgrelay stops reading it (one read's worth, as PgBouncer
+# holds one packet buffer); the rest waits in the kernel until a server is linked.
+QUEUED_INPUT_LIMIT = RECV_SIZE
+_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 class ClientConnection(Peer):
@@ -43,7 +48,8 @@ class ClientConnection(Peer):
     __slots__ = ("relay", "id", "listener", "peer", "stream", "sock", "state", "server", "pool", "route",
                  "user", "database", "params", "pvals", "key", "skip", "carry", "open_batch", "pending", "pending_queries",
                  "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
-                 "close_reason", "spec", "limits", "__weakref__")
+                 "close_reason", "spec", "limits", "leaving", "term_queries", "cancel_server", "touched",
+                 "quiet_since", "__weakref__")
 
     def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener"):
         self.relay = relay
@@ -63,8 +69,13 @@ class ClientConnection(Peer):
         self.skip = 0                # bytes of the current message that lie beyond the last buffer
         self.carry = b""             # a split message header, awaiting more bytes
         self.open_batch = False      # extended-protocol messages sent since the last Sync
-        self.pending = b""           # bytes read while no server was linked
+        self.pending = bytearray()   # bytes read while queued for a server (QUEUED_INPUT_LIMIT)
         self.pending_queries = 0
+        self.leaving = False         # sent Terminate; stays until what came before it is with a server
+        self.term_queries = 0        # queries before the Terminate in the buffer that held it
+        self.cancel_server = None    # our last server, withheld from others while our cancel is in flight
+        self.touched = False         # read since the janitor last looked (client_idle_timeout etc.)
+        self.quiet_since = 0.0       # when the janitor last saw this client or its server busy
         self.out: bytearray | None = None
         self.paused = None           # the server whose reading we paused while `out` drains
         self.paused_by = None        # the server that paused our reading while its `out` drains
@@ -136,6 +147,7 @@ class ClientConnection(Peer):
         if self.state == CL_CLOSED:
             return
         change_client_state(self, CL_IDLE)
+        self.quiet_since = time.monotonic()
         relay.client_connected(self)
         if self.stream.rbuf:  # bytes the client pipelined after its startup packet
             data, self.stream.rbuf = self.stream.rbuf, b""
@@ -155,7 +167,11 @@ class ClientConnection(Peer):
             if code == protocol.CANCEL_REQUEST_CODE:
                 if length != 16:
                     raise ProtocolViolation(f"bad packet header: cancel request of length {length}")
-                self.relay.cancel(stream.read_exact(8))
+                forwarding = self.relay.cancel(stream.read_exact(8))
+                if forwarding is not None:
+                    # As PostgreSQL: the cancel connection closes once the cancel has been
+                    # delivered, so a client that waits for the close never races its own cancel.
+                    forwarding.join()
                 self.disconnect("cancel request", log_it=False)
                 return None
             if code in (protocol.SSL_REQUEST_CODE, protocol.GSSENC_REQUEST_CODE):
@@ -286,6 +302,7 @@ class ClientConnection(Peer):
 
     def _handle(self, data: bytes) -> None:
         """Hot path: scan headers, take a server if none is linked, forward the buffer as it came."""
+        self.touched = True
         n = len(data)
         skip = self.skip
         if skip >= n and not self.carry:
@@ -293,18 +310,30 @@ class ClientConnection(Peer):
             queries = 0
         else:
             queries = self._scan(data)
-            if queries < 0:  # Terminate: forward what came before it, then leave
-                self._terminate(data, -queries - 1)
+            if queries < 0:  # Terminate: what came before it is run, then the client leaves
+                self._terminate(data[:-queries - 1])
                 return
+        self._forward(data, queries)
+
+    def _forward(self, data, queries: int) -> None:
+        """Send scanned bytes to the linked server, or link one, or queue for one."""
         server = self.server
         if server is None:
             pool = self.pool
             if self.state == CL_WAITING:  # more bytes while queued: keep them in order
-                self.pending += data
+                pending = self.pending
+                pending += data
                 self.pending_queries += queries
-                if len(self.pending) > MAX_PENDING:
-                    self.stop_reading()
+                if len(pending) >= QUEUED_INPUT_LIMIT:
+                    self.stop_reading()  # the rest waits in the kernel; gone() notices a close
                 return
+            owned = self.cancel_server
+            if owned is not None:  # our own server, withheld from others while our cancel runs
+                self.cancel_server = None
+                if owned.state == SV_CANCEL_WAIT and owned.cancel_client is self:
+                    owned.cancel_client = None
+                    self.deliver(owned, data, queries)
+                    return
             idle = pool.idle
             if idle and not pool.waiting:
                 server = idle[-1]
@@ -313,10 +342,12 @@ class ClientConnection(Peer):
                     return
                 link(self, server)
             else:
-                # Reading stays on while queued (no watcher churn); MAX_PENDING bounds the buffer.
-                self.pending = data
+                # Reading stays on while queued (no watcher churn) up to QUEUED_INPUT_LIMIT.
+                self.pending = bytearray(data)
                 self.pending_queries = queries
                 pool.enqueue(self)
+                if len(self.pending) >= QUEUED_INPUT_LIMIT and self.state == CL_WAITING:
+                    self.stop_reading()
                 return
         elif server.state == SV_SYNC:
             # Only reachable for bytes already read when a SET batch started; keep order.
@@ -324,6 +355,7 @@ class ClientConnection(Peer):
             server.sync_queries += queries
             return
         server.expect += queries
+        n = len(data)
         pool = self.pool
         pool.stats.bytes_sent += n
         if server.out is None:
@@ -338,11 +370,12 @@ class ClientConnection(Peer):
                 server.backlog(data[sent:], self)
         else:
             server.out += data
-        if not queries and not server.expect and server.txstatus == 73 and pool.mode \
-                and not self.skip and not self.carry and not self.open_batch and server.out is None:
+            if server.paused is None:
+                server.pause(self)
+        if not queries and not server.expect and pool.mode:
             # The server went idle while this client was still mid-message (e.g. the tail of a
-            # CopyData after a COPY error, which PostgreSQL drops): now the message is complete.
-            pool.release(server)
+            # CopyData after a COPY error, which PostgreSQL drops): now the message may be complete.
+            server.release_if_done()
 
     def _scan(self, data: bytes) -> int:
         """Count messages that end in ReadyForQuery (Q, S, F) and note an unsynced extended batch.
@@ -374,6 +407,11 @@ class ClientConnection(Peer):
                 self.open_batch = open_batch
                 if kind == _X:
                     self.skip = 0
+                    self.term_queries = queries
+                    if pos < offset:
+                        # The Terminate's first bytes went out with the previous buffer: the server
+                        # holds a partial message, so it is not at a boundary and will be closed.
+                        self.carry = b"X"
                     return -(max(pos - offset, 0) + 1)
                 if kind == 0:
                     raise ProtocolViolation("client re-sent startup pkt")
@@ -397,18 +435,42 @@ class ClientConnection(Peer):
         """Nothing of the client's is half-sent: no split message and no unsynced batch."""
         return not self.skip and not self.carry and not self.open_batch
 
-    def _terminate(self, data: bytes, at: int) -> None:
+    def _terminate(self, head: bytes) -> None:
+        """Terminate: forward what came before it as usual (the server runs it, as PostgreSQL
+        would), stop reading, and leave once those bytes are with a server (`leave_if_done`).
+        A server left owing replies is drained by `disconnect`, never handed over mid-reply."""
+        self.leaving = True
+        self.stop_reading()
+        if head:
+            self._forward(head, self.term_queries)
+        if self.state != CL_CLOSED:
+            self.leave_if_done()
+
+    def leave_if_done(self) -> None:
+        """A leaving client goes once nothing it sent waits for a server or a SET batch."""
+        if self.state == CL_WAITING and self.pending_queries:
+            return  # take_server delivers the queued queries, then calls back
         server = self.server
-        if at and server is not None and server.state == SV_ACTIVE:
-            server.write(data[:at], self)
-        self.disconnect("client close request", log_it=True)
+        if server is not None and server.state == SV_SYNC:
+            return  # the SET batch completes, the queries follow, then _swallowed calls back
+        self.disconnect("client close request")
+
+    def gone(self) -> bool:
+        """Whether a queued client that is no longer read (its bound is reached) has hung up."""
+        if self.leaving or self.stream.rw.active or self.state == CL_CLOSED:
+            return False
+        poller = select.poll()
+        poller.register(self.sock.fileno(), _GONE)
+        return bool(poller.poll(0))
 
     def take_server(self, server: "ServerConnection") -> None:
         """Called by the pool when a server frees up for this waiting client."""
         data, queries = self.pending, self.pending_queries
-        self.pending = b""
+        self.pending = bytearray()
         self.pending_queries = 0
         self.deliver(server, data, queries)
+        if self.leaving:
+            self.leave_if_done()
 
     def deliver(self, server: "ServerConnection", data: bytes, queries: int) -> None:
         """Link `server`, apply tracked parameters if they differ, then send `data`."""
@@ -430,10 +492,15 @@ class ClientConnection(Peer):
     def write_failed(self, exc: OSError) -> None:
         self.disconnect("client write failed")
 
+    def flushed(self) -> None:
+        server = self.server
+        if server is not None and server.state == SV_ACTIVE and self.pool.mode:
+            server.release_if_done()
+
     def start_reading(self) -> None:
         rw = self.stream.rw
         if not rw.active and self.state in (CL_IDLE, CL_ACTIVE) and self.paused_by is None \
-                and (self.server is None or self.server.state != SV_SYNC):
+                and not self.leaving and (self.server is None or self.server.state != SV_SYNC):
             if self.tls:
                 rw.start(self._on_readable_tls)
                 if self.sock.pending():  # decrypted bytes already buffered: the fd will not wake us
@@ -460,7 +527,7 @@ class ClientConnection(Peer):
             return
         if self.pool.mode and self.pending_queries and self.at_boundary():
             queries = self.pending_queries
-            self.pending = b""
+            self.pending = bytearray()
             self.pending_queries = 0
             change_client_state(self, CL_IDLE)
             self.fail_queries(replace(error, severity="ERROR"), queries)
@@ -496,10 +563,17 @@ class ClientConnection(Peer):
                 self.stream.try_send(data)
         server = self.server
         if server is not None:
-            if not server.pool.reuse:
-                server.close("direct client left")
-            elif server.is_clean() and self.at_boundary():
-                server.pool.release(server)
+            if server.is_clean() and self.at_boundary():
+                if server.pool.reuse:
+                    server.pool.release(server)
+                else:
+                    server.close("direct client left")
+            elif self.leaving and server.state == SV_ACTIVE and self.at_boundary():
+                # Terminate after queries: they run to the end, as in PostgreSQL; the replies are
+                # read and dropped, then the server is reused or closed. A client that vanished
+                # without Terminate gets its server closed instead, as PgBouncer does (PostgreSQL
+                # finishes what it was running either way), so no large result is drained.
+                server.drain()
             else:
                 server.close("client disconnect while server was not ready")
         if self.paused is not None:
@@ -507,7 +581,7 @@ class ClientConnection(Peer):
             self.paused.start_reading()
             self.paused = None
         change_client_state(self, CL_CLOSED)
-        self.pending = b""
+        self.pending = bytearray()
         self.stream.close()
         relay.forget_client(self)
         if log_it and relay.config.log_disconnections:

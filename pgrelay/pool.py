@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 CL_LOGIN, CL_IDLE, CL_WAITING, CL_ACTIVE, CL_CLOSED = range(5)
 CLIENT_STATE_NAMES = ("login", "idle", "waiting", "active", "closed")
 
-# Server states. ACTIVE and SYNC are linked to a client; the others are not.
-SV_LOGIN, SV_IDLE, SV_ACTIVE, SV_SYNC, SV_RESET, SV_CANCEL_WAIT, SV_CLOSED = range(7)
-SERVER_STATE_NAMES = ("login", "idle", "active", "sync", "reset", "cancel_wait", "closed")
+# Server states. ACTIVE and SYNC are linked to a client; the others are not. DRAIN: the client
+# left while the server still owed replies; they are read and dropped before reuse or close.
+SV_LOGIN, SV_IDLE, SV_ACTIVE, SV_SYNC, SV_RESET, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN = range(8)
+SERVER_STATE_NAMES = ("login", "idle", "active", "sync", "reset", "cancel_wait", "closed", "drain")
 
 MODE_CODES = {SESSION: 0, TRANSACTION: 1, STATEMENT: 2}
 MODE_SESSION, MODE_TRANSACTION, MODE_STATEMENT = 0, 1, 2
@@ -165,6 +166,9 @@ class Pool:
             if client.state != CL_WAITING:
                 self.waiting.popleft()
                 continue
+            if client.gone():  # its bytes are never sent (it stopped being read at its bound)
+                client.disconnect("client unexpected eof")
+                continue
             client.take_server(server)
             return
         change_server_state(server, SV_IDLE)
@@ -172,7 +176,11 @@ class Pool:
             self.relay.group_changed(self)
 
     def release(self, server: "ServerConnection") -> None:
-        """Unlink a server from its client at the end of a transaction (or session) and recycle it."""
+        """Unlink a server from its client at the end of a transaction (or session) and recycle it.
+
+        Callers have checked that the server owes no reply and holds no unsent byte either way
+        (ServerConnection.release_if_done, is_clean, or the end of a drain).
+        """
         client = server.client
         if client is not None:
             unlink(client, server)
@@ -181,6 +189,10 @@ class Pool:
         elif self.reset_query:
             server.reset(self.reset_query)
         elif server.cancels:
+            # Withheld from other clients until the cancel is done; its own client may have it back.
+            server.cancel_client = client
+            if client is not None:
+                client.cancel_server = server
             change_server_state(server, SV_CANCEL_WAIT)
         else:
             self.give(server)

@@ -22,7 +22,7 @@ from .config import Config, load_config
 from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
 from .listener import Listeners, listener_specs
 from .plugins import make_plugin_manager
-from .pool import CL_CLOSED, SV_ACTIVE, SV_IDLE, Pool
+from .pool import CL_CLOSED, SV_ACTIVE, SV_DRAIN, SV_IDLE, Pool
 from .protocol import quote_literal
 from .health import HealthMonitor
 from .routing import PRIMARY, Database, HostAddr, Login, Route, UserSpec
@@ -226,7 +226,8 @@ class Relay:
         pool = client.pool
         if pool is not None and pool.per_client:
             for server in list(pool.servers):
-                server.close("direct client left")
+                if server.state != SV_DRAIN:  # a draining server closes once its replies are in
+                    server.close("direct client left")
             self.pools.pop(pool.key, None)
 
     def admit(self, client, route: Route) -> Reject | None:
@@ -239,14 +240,16 @@ class Relay:
         client.limits = route.client_limits
         return None
 
-    def cancel(self, key: bytes) -> None:
-        """A CancelRequest: forward it only to the server currently running this client's query."""
+    def cancel(self, key: bytes):
+        """A CancelRequest: forward it only to the server currently running this client's query.
+        Returns the greenlet forwarding it (None if nothing was forwarded)."""
         client = self.cancel_keys.get(key)
         if client is None or client.state == CL_CLOSED:
-            return
+            return None
         server = client.server
         if server is not None and server.state == SV_ACTIVE:
-            server.forward_cancel()
+            return server.forward_cancel()
+        return None
 
     def get_pool(self, route: Route, client=None) -> Pool:
         """The pool for a route; a per-client route gets a pool of its own, removed when it leaves."""

@@ -13,8 +13,8 @@ from gevent import Timeout
 from . import protocol, server_login
 from .errors import CONNECTION_FAILURE, ProtocolViolation, Reject, ServerError
 from .peer import Peer
-from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED,
-                   SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_client_state, change_server_state)
+from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN,
+                   SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_client_state, change_server_state, unlink)
 from .routing import HostAddr
 from .stream import RECV_SIZE, WOULD_BLOCK, Stream
 
@@ -38,7 +38,8 @@ class ServerConnection(Peer):
     __slots__ = ("relay", "pool", "id", "addr", "stream", "sock", "state", "client", "expect", "txstatus",
                  "skip", "carry", "pvals", "params", "key", "connect_time", "idle_since", "cancels",
                  "close_reason", "out", "paused", "paused_by", "swallow", "sync_data", "sync_queries",
-                 "sync_error", "limit_keys", "fatal_at", "fatal_message", "__weakref__")
+                 "sync_error", "limit_keys", "fatal_at", "fatal_message", "cancel_client", "drain_start",
+                 "__weakref__")
 
     def __init__(self, relay: "Relay", pool: "Pool"):
         self.relay = relay
@@ -70,6 +71,8 @@ class ServerConnection(Peer):
         self.sync_data = b""        # a client's bytes held back until a SET batch completes
         self.sync_queries = 0
         self.sync_error: Reject | None = None
+        self.cancel_client = None   # the client released while a cancel of its query was in flight
+        self.drain_start = 0.0      # when the client left this server with replies owed (SV_DRAIN)
 
     def __repr__(self) -> str:
         return f"S-{self.id}"
@@ -163,6 +166,8 @@ class ServerConnection(Peer):
                 self._relay(data)
             elif self.state == SV_SYNC or self.state == SV_RESET:
                 self._swallow(data)
+            elif self.state == SV_DRAIN:
+                self._drain(data)
             else:
                 self.close("idle server got data" if self.state == SV_IDLE else "server sent data while unlinked")
         except ProtocolViolation as exc:
@@ -197,21 +202,28 @@ class ServerConnection(Peer):
                 client.backlog(data[sent:], self)
         else:
             client.out += data
+            if client.paused is None:
+                client.pause(self)
         if zs:
             expect = self.expect - zs
             self.expect = expect if expect > 0 else 0
             client.pool.stats.query_count += zs
             if expect <= 0 and client.pool.mode:  # transaction or statement pooling
                 if self.txstatus == _I:
-                    # Release only at a clean boundary on both sides: no split message or
-                    # unsynced extended batch from the client, no partial message from us.
-                    if not client.skip and not client.carry and not client.open_batch \
-                            and not self.skip and not self.carry:
-                        client.pool.release(self)
+                    self.release_if_done()
                 elif client.pool.mode == MODE_STATEMENT:
                     reject = Reject("transaction blocks not allowed in statement pooling mode")
                     self.close("transaction blocks not allowed in statement pooling mode")
                     client.disconnect("transaction blocks not allowed in statement pooling mode", reject)
+
+    def release_if_done(self) -> None:
+        """Transaction and statement pooling: release at the end of a transaction, but only when the
+        server owes no reply and no byte is unsent either way, and the client is at a message
+        boundary (no split message, no unsynced extended batch). Called again when a backlog drains."""
+        client = self.client
+        if self.expect == 0 and self.txstatus == _I and self.out is None and not self.skip and not self.carry \
+                and client.out is None and not client.skip and not client.carry and not client.open_batch:
+            client.pool.release(self)
 
     def _server_fatal(self, data: bytes, zs: int) -> None:
         """Forward what preceded the server's FATAL, then handle the server as lost."""
@@ -360,6 +372,54 @@ class ServerConnection(Peer):
         if data:
             self.write(data, client)
         client.start_reading()
+        if client.leaving:
+            client.leave_if_done()
+
+    # -- a client left with replies owed: drain them --------------------------------------------
+
+    def drain(self) -> None:
+        """The client left at a message boundary while replies were owed (or bytes unsent): keep
+        the server, read and drop what it still sends, then reuse it if it is idle, else close it.
+        The queries run to completion, as PostgreSQL runs what a client sent before leaving; no
+        byte of them ever reaches another client. server_drain_timeout bounds it (janitor)."""
+        client = self.client
+        if client is not None:
+            unlink(client, self)
+        if self.paused is not None:  # the client was paused by our backlog; it is leaving
+            self.paused.paused_by = None
+            self.paused = None
+        change_server_state(self, SV_DRAIN)
+        self.drain_start = time.monotonic()
+        self.start_reading()
+        self.finish_drain()
+
+    def _drain(self, data: bytes) -> None:
+        zs = self._scan(data)
+        if self.fatal_at >= 0:
+            self.fatal_at = -1
+            self.close(self.close_reason)
+            return
+        if zs:
+            expect = self.expect - zs
+            self.expect = expect if expect > 0 else 0
+        self.finish_drain()
+
+    def finish_drain(self) -> None:
+        """Once nothing is owed either way: back to the pool if idle, else (inside a transaction,
+        or a direct connection) closed, which makes PostgreSQL roll back."""
+        if self.state != SV_DRAIN or self.expect or self.skip or self.carry or self.out is not None:
+            return
+        if self.txstatus != _I or not self.pool.reuse:
+            self.close("client left inside a transaction" if self.txstatus != _I else "direct client left")
+        else:
+            self.pool.release(self)
+
+    def flushed(self) -> None:
+        if self.state == SV_ACTIVE:
+            if self.pool.mode:
+                self.release_if_done()
+        elif self.state == SV_DRAIN:
+            self.finish_drain()
 
     # -- writing to the server (Peer.write / backlog) -------------------------------------------
 
@@ -446,16 +506,17 @@ class ServerConnection(Peer):
 
     # -- cancel -------------------------------------------------------------------------------
 
-    def forward_cancel(self) -> None:
-        """Send a CancelRequest for this server's backend on a new connection (in a greenlet).
+    def forward_cancel(self) -> gevent.Greenlet | None:
+        """Send a CancelRequest for this server's backend on a new connection (in a greenlet, which
+        is returned so that the client's cancel connection can wait for it).
 
         The server is not handed to another client until the request is done (PgBouncer PR
         #717), so a late cancel can never hit someone else's query.
         """
         if not self.key:
-            return
+            return None
         self.cancels += 1
-        gevent.spawn(self._cancel)
+        return gevent.spawn(self._cancel)
 
     def _cancel(self) -> None:
         try:
@@ -475,6 +536,7 @@ class ServerConnection(Peer):
         finally:
             self.cancels -= 1
             if self.cancels == 0 and self.state == SV_CANCEL_WAIT:
+                self.cancel_client = None
                 self.pool.give(self)
 
 

@@ -189,6 +189,9 @@ CORE_SETTINGS: list[Setting] = [
     S("client_idle_timeout", SECONDS, "0", True, "Close a client connection idle (no server) longer than this; 0 disables."),
     S("idle_transaction_timeout", SECONDS, "0", True, "Disconnect a client idle in a transaction longer than this; 0 disables."),
     S("cancel_wait_timeout", SECONDS, "10", True, "Give up forwarding a cancel request after this long."),
+    S("server_drain_timeout", SECONDS, "30", True,
+      "A client left (e.g. Query + Terminate) while its server still owed replies: the queries run and "
+      "the replies are dropped for up to this long, then the server is reused if idle, else closed; 0: no limit."),
     S("max_packet_size", Int(4), "2147483647", True, "Largest message a client may send; longer ones are a protocol violation."),
     # Startup parameters
     S("ignore_startup_parameters", LIST, "", True, "Startup parameters accepted and dropped instead of refused."),

@@ -259,3 +259,52 @@ def test_unknown_cancel_key_ignored(relay, pg):
     fresh = connect(relay)
     assert scalar(fresh, "SELECT 6") == 6
     fresh.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_cancel_then_next_query_is_never_cancelled(make_relay, mode):
+    """libpq's cancel returns once the cancel connection closes; PostgreSQL closes it only after the
+    cancel was delivered, so a query sent after that can never be the one cancelled. pgrelay keeps
+    the client's cancel connection open until the forwarded cancel is done, to keep that promise."""
+    relay = make_relay({"pool_mode": mode, "default_pool_size": "2"})
+    conn = connect(relay)
+    rng = random.Random(7)
+    late = []
+    for i in range(80):
+        first = Outcome(conn, "select pg_sleep(0.02)")
+        time.sleep(rng.uniform(0.0, 0.04))  # before, during or just after the first query ends
+        conn.cancel()
+        first.wait(5)
+        assert first.exc is None or isinstance(first.exc, psycopg2.errors.QueryCanceled), first.exc
+        try:
+            assert scalar(conn, "select pg_sleep(0.05) is not null")
+        except psycopg2.errors.QueryCanceled:
+            late.append(i)
+    assert late == [], f"a late cancel hit the next query in rounds {late}"
+    conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_asyncpg_prepared_statements_stay_on_the_server_after_a_cancel(make_relay):
+    """Transaction mode, one asyncpg client with its default statement cache: after a timeout (a
+    cancel), the server waiting for the cancel goes back to its own client, so Parse and Bind of
+    the next statement land on the same server."""
+    import asyncio
+
+    import asyncpg
+
+    relay = make_relay({"pool_mode": "transaction", "default_pool_size": "4"})
+
+    async def run():
+        conn = await asyncpg.connect(relay.url())
+        try:
+            for i in range(40):
+                with pytest.raises(asyncio.TimeoutError):
+                    await conn.fetchval("select pg_sleep(1)", timeout=0.05)
+                assert await conn.fetchval("select $1::int + 0", i) == i
+                assert await conn.fetchval("select $1::text || 'x'", str(i)) == f"{i}x"
+        finally:
+            await conn.close()
+
+    asyncio.run(run())

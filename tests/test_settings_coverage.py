@@ -1,0 +1,263 @@
+"""Every implemented setting has a test that fails if the setting does nothing (issue 7, item 3).
+
+ENFORCED_BY maps each implemented (non-planned) setting to the tests that prove its effect: with
+the setting ignored, each listed test fails. [pgbouncer] settings go by their name; keys of other
+sections as "[section] key". A setting pgrelay does not enforce belongs in the planned list
+(settings.PLANNED_SETTINGS), where it is accepted with a warning; test_planned_settings_warn checks that.
+
+To add a setting: write the test (tests/integration/test_settings_enforced.py is the usual home),
+then add `"name": [node id, ...]` below. Node ids are "path::function" (or "path::Class::method"),
+relative to the repository root, without parameters.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+from pgrelay.config import load_config
+from pgrelay.docs import full_registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Being implemented by other engineers right now; they add their tests here and take the name out.
+# A section key counts as in progress when its bare name is listed ("[poolers] max_client_conn").
+IN_PROGRESS: set[str] = set()  # settings being implemented right now; empty when nothing is
+
+SE = "tests/integration/test_settings_enforced.py"
+OPS = "tests/integration/test_operations.py"
+PARAMS = "tests/integration/test_parameters.py"
+MODES = "tests/integration/test_pooling_modes.py"
+TLS = "tests/integration/test_tls.py"
+AUTH = "tests/integration/test_auth.py"
+AUTHQ = "tests/integration/test_auth_query.py"
+OPTIONS = "tests/integration/test_connection_options.py"
+CLUSTERS = "tests/integration/test_clusters.py"
+POOLERS = "tests/integration/test_dedicated_poolers.py"
+
+
+def se(name: str) -> str:
+    return f"{SE}::{name}"
+
+
+TIMEOUTS = "tests/integration/test_client_timeouts.py"
+DEFER = "tests/integration/test_defer_accept.py"
+
+ENFORCED_BY: dict[str, list[str]] = {
+    # -- client timeouts and limits
+    "client_idle_timeout": [f"{TIMEOUTS}::test_client_idle_timeout_closes_an_idle_client",
+                            f"{TIMEOUTS}::test_client_idle_timeout_off_keeps_idle_clients"],
+    "idle_transaction_timeout": [f"{TIMEOUTS}::test_idle_transaction_timeout_closes_the_client_and_frees_its_locks",
+                                 f"{TIMEOUTS}::test_idle_transaction_timeout_off_by_default"],
+    "server_drain_timeout": [f"{TIMEOUTS}::test_server_drain_timeout_closes_a_server_that_takes_too_long",
+                             f"{TIMEOUTS}::test_drained_server_is_reused_once_its_replies_are_in"],
+    "tcp_defer_accept": [f"{DEFER}::test_silent_sockets_do_not_lock_out_a_real_client",
+                         "tests/unit/test_defer_accept.py::test_set_on_tcp_listeners_when_on",
+                         "tests/unit/test_defer_accept.py::test_not_set_when_off"],
+    "max_client_conn": [f"{DEFER}::test_max_client_conn_counts_clients_that_sent_a_startup_message",
+                        "tests/integration/test_bad_input.py::test_max_client_conn"],
+    "[poolers] max_client_conn": [f"{POOLERS}::test_pooler_max_client_conn_is_its_own"],
+    # -- process and logging
+    "logfile": [f"{OPS}::test_logfile_pidfile_and_stats_lines"],
+    "pidfile": [f"{OPS}::test_logfile_pidfile_and_stats_lines"],
+    "verbose": [se("test_verbose_logs_debug_lines")],
+    "log_connections": [f"{OPS}::test_log_connections_and_disconnections_can_be_switched_off"],
+    "log_disconnections": [f"{OPS}::test_log_connections_and_disconnections_can_be_switched_off"],
+    "log_pooler_errors": [se("test_log_pooler_errors_off_keeps_refusals_out_of_the_log")],
+    "log_stats": [se("test_log_stats_off_silences_stats_lines")],
+    "stats_period": [f"{OPS}::test_logfile_pidfile_and_stats_lines"],
+    # -- listening
+    "listen_addr": [se("test_listen_addr_and_listener_addr")],
+    "listen_port": ["tests/integration/test_smoke.py::test_psycopg2_query_through_relay"],
+    "listen_backlog": [se("test_listen_backlog_reaches_listen")],
+    "unix_socket_dir": [se("test_unix_socket_dir")],
+    "unix_socket_mode": [se("test_unix_socket_mode")],
+    "client_login_timeout": [se("test_client_login_timeout"),
+                             f"{TLS}::test_stalled_tls_handshake_hits_client_login_timeout"],
+    # -- pooling
+    "pool_mode": [f"{MODES}::test_statement_mode_single_statements_work_and_begin_is_refused"],
+    "default_pool_size": [f"{MODES}::test_thirty_waiting_clients_on_two_servers_lose_nothing"],
+    "min_pool_size": [se("test_min_pool_size")],
+    "server_reset_query": [se("test_server_reset_query"),
+                           f"{MODES}::test_session_mode_keeps_one_server_and_resets_it_for_the_next_client"],
+    "server_reset_query_always": [f"{MODES}::test_transaction_mode_server_reset_query_only_with_reset_always"],
+    "server_lifetime": [se("test_server_lifetime")],
+    "server_idle_timeout": [se("test_server_idle_timeout")],
+    "server_connect_timeout": ["tests/integration/test_faults.py::test_server_connect_timeout"],
+    "server_login_retry": [se("test_server_login_retry")],
+    "query_wait_timeout": [se("test_query_wait_timeout")],
+    "cancel_wait_timeout": [se("test_cancel_wait_timeout")],
+    "max_packet_size": [se("test_max_packet_size")],
+    # -- startup parameters
+    "ignore_startup_parameters": ["tests/integration/test_bad_input.py::test_ignored_startup_parameter_accepted"],
+    "track_extra_parameters": [se("test_track_extra_parameters_adds_a_parameter"),
+                               f"{PARAMS}::test_untracked_startup_parameter_is_refused"],
+    "application_name_add_host": [f"{PARAMS}::test_application_name_add_host"],
+    # -- TLS
+    "client_tls_sslmode": [f"{TLS}::test_client_tls_require_refuses_plaintext",
+                           f"{TLS}::test_client_tls_disable_answers_no"],
+    "client_tls_cert_file": [f"{TLS}::test_reload_rotates_client_certificate"],
+    "client_tls_key_file": [f"{TLS}::test_reload_rotates_client_certificate"],
+    "client_tls_ca_file": [f"{TLS}::test_client_certificate_required"],
+    "client_tls_protocols": [f"{TLS}::test_client_tls_protocols_tlsv13_only"],
+    "client_tls_ciphers": [se("test_client_tls_ciphers")],
+    "server_tls_sslmode": [f"{TLS}::test_server_tls_disable_gets_pg_hba_refusal",
+                           f"{TLS}::test_server_tls_require_against_server_without_ssl"],
+    "server_tls_ca_file": [f"{TLS}::test_server_tls_verify_full_wrong_ca"],
+    "server_tls_cert_file": [se("test_server_tls_cert_and_key_file")],
+    "server_tls_key_file": [se("test_server_tls_cert_and_key_file")],
+    "server_tls_protocols": [se("test_server_tls_protocols")],
+    "server_tls_ciphers": [se("test_server_tls_ciphers")],
+    "scram_iterations": [se("test_scram_iterations")],
+    # -- server health
+    "health_check_period": [se("test_health_check_period")],
+    "health_check_timeout": [se("test_health_check_timeout")],
+    "health_check_user": [se("test_health_check_user_and_dbname")],
+    "health_check_dbname": [se("test_health_check_user_and_dbname")],
+    # -- plugins
+    "plugins": ["tests/unit/test_plugins.py::test_extra_plugin_from_file_wins_over_local_pooler"],
+    "disable_plugins": ["tests/unit/test_plugins.py::test_disabled_plugins_not_loaded"],
+    # -- declared by plugins (plugins/*.py)
+    "max_direct_connections": [f"{OPTIONS}::test_max_direct_connections"],
+    "replica_balance": [f"{CLUSTERS}::test_replica_balancing"],
+    "max_replica_lag": [se("test_max_replica_lag")],
+    "replica_fallback_to_primary": [f"{CLUSTERS}::test_replica_stopped_and_restarted"],
+    "cluster_usernames": [f"{CLUSTERS}::test_cluster_user_names_route_to_the_cluster"],
+    "auth_type": [f"{AUTH}::test_password_auth_types_with_real_clients"],
+    "auth_file": [f"{AUTH}::test_trust_asks_no_password_but_needs_auth_file_entry"],
+    "auth_hba_file": [f"{AUTH}::test_hba_mixes_methods_by_user_database_and_address"],
+    "auth_user": [f"{AUTHQ}::test_auth_query_looks_up_users_missing_from_auth_file"],
+    "auth_query": [se("test_auth_query_is_the_query_that_runs")],
+    "auth_dbname": [f"{AUTHQ}::test_auth_dbname_runs_auth_query_in_that_database"],
+    "local_pooler_replicas": [f"{OPTIONS}::test_local_pooler_replicas_setting"],
+    # -- [listeners]
+    "[listeners] port": [f"{OPTIONS}::test_direct_clients_have_their_own_backends"],
+    "[listeners] addr": [se("test_listen_addr_and_listener_addr")],
+    "[listeners] role": [f"{OPTIONS}::test_direct_clients_have_their_own_backends"],
+    "[listeners] pool_mode": [f"{OPTIONS}::test_session_port_next_to_transaction_port"],
+    "[listeners] suffixes": [f"{OPTIONS}::test_bad_user_names"],
+    # -- [poolers]
+    "[poolers] target": [f"{POOLERS}::test_replica_pooler_reaches_the_replica"],
+    "[poolers] pool_mode": [f"{POOLERS}::test_primary_pooler_in_session_mode_with_two_servers"],
+    "[poolers] default_pool_size": [f"{POOLERS}::test_primary_pooler_in_session_mode_with_two_servers",
+                                    f"{POOLERS}::test_saturated_pooler_does_not_slow_the_local_pooler"],
+    "[poolers] min_pool_size": [se("test_pooler_min_pool_size")],
+    "[poolers] max_db_connections": [se("test_pooler_max_db_connections")],
+    "[poolers] max_user_connections": [se("test_pooler_max_user_connections")],
+    "[poolers] upstream": [
+        "tests/integration/test_layered.py::test_dedicated_pooler_chained_through_server_side_relay"],
+    # -- [databases]
+    "[databases] host": [se("test_database_host_port_dbname_user")],
+    "[databases] port": [se("test_database_host_port_dbname_user")],
+    "[databases] dbname": [se("test_database_host_port_dbname_user")],
+    "[databases] user": [se("test_database_host_port_dbname_user")],
+    "[databases] password": [se("test_database_and_cluster_password"),
+                             f"{AUTH}::test_any_ignores_the_user_and_uses_the_forced_server_user"],
+    "[databases] pool_size": [se("test_database_pool_size")],
+    "[databases] min_pool_size": [se("test_database_min_pool_size")],
+    "[databases] pool_mode": [f"{MODES}::test_pool_mode_per_database_and_per_user"],
+    "[databases] connect_query": [se("test_database_connect_query")],
+    "[databases] client_encoding": [se("test_database_startup_parameters")],
+    "[databases] datestyle": [se("test_database_startup_parameters")],
+    "[databases] timezone": [se("test_database_startup_parameters")],
+    "[databases] application_name": [se("test_database_startup_parameters")],
+    "[databases] replicas": [f"{OPTIONS}::test_direct_replica_suffix"],
+    # -- [users]
+    "[users] pool_mode": [f"{MODES}::test_pool_mode_per_database_and_per_user"],
+    "[users] pool_size": [se("test_users_pool_size")],
+    # -- [clusters]
+    "[clusters] host": [f"{CLUSTERS}::test_cluster_user_names_route_to_the_cluster"],
+    "[clusters] port": [f"{CLUSTERS}::test_cluster_user_names_route_to_the_cluster"],
+    "[clusters] user": [f"{CLUSTERS}::test_hundred_clusters"],
+    "[clusters] replicas": [f"{CLUSTERS}::test_cluster_user_names_route_to_the_cluster"],
+    "[clusters] password": [se("test_database_and_cluster_password")],
+    "[clusters] pool_size": [se("test_cluster_keys")],
+    "[clusters] min_pool_size": [se("test_cluster_keys")],
+    "[clusters] pool_mode": [se("test_cluster_keys")],
+    "[clusters] connect_query": [se("test_cluster_keys")],
+    "[clusters] client_encoding": [se("test_cluster_keys")],
+    "[clusters] datestyle": [se("test_cluster_keys")],
+    "[clusters] timezone": [se("test_cluster_keys")],
+    "[clusters] application_name": [se("test_cluster_keys")],
+}
+
+
+def implemented_settings() -> set[str]:
+    """Every non-planned setting the core and the installed plugins declare."""
+    registry = full_registry()
+    names = {s.name for s in registry if not s.planned}
+    for section, keys in registry.section_keys.items():
+        names |= {f"[{section}] {name}" for name, s in keys.items() if not s.planned}
+    return names
+
+
+def in_progress(name: str) -> bool:
+    return name.split()[-1] in IN_PROGRESS
+
+
+def test_every_implemented_setting_has_an_enforcing_test():
+    missing = sorted(n for n in implemented_settings() - set(ENFORCED_BY) if not in_progress(n))
+    assert not missing, ("implemented settings without a test proving their effect (add one to ENFORCED_BY, "
+                         f"or move the setting to the planned list): {missing}")
+
+
+def test_table_names_only_implemented_settings():
+    implemented = implemented_settings()
+    stale = sorted(n for n in ENFORCED_BY if n not in implemented)
+    assert not stale, f"ENFORCED_BY lists settings that are planned or no longer declared: {stale}"
+    done = sorted(n for n in ENFORCED_BY if in_progress(n))
+    assert not done, f"these have tests in ENFORCED_BY now: take them out of IN_PROGRESS: {done}"
+    assert all(ENFORCED_BY.values()), "a setting with an empty list of tests"
+
+
+def _functions(path: str) -> tuple[set[str], dict[str, list[ast.expr]]]:
+    """'func' and 'Class::method' names defined in a test file, and their decorators."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    found: dict[str, list[ast.expr]] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found[node.name] = node.decorator_list
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    found[f"{node.name}::{item.name}"] = node.decorator_list + item.decorator_list
+    return set(found), found
+
+
+def _marks(decorators: list[ast.expr]) -> set[str]:
+    out = set()
+    for dec in decorators:
+        target = dec.func if isinstance(dec, ast.Call) else dec
+        if isinstance(target, ast.Attribute):
+            out.add(target.attr)
+    return out
+
+
+ALL_NODE_IDS = sorted({node for nodes in ENFORCED_BY.values() for node in nodes})
+
+
+@pytest.mark.parametrize("node_id", ALL_NODE_IDS)
+def test_node_id_exists_and_runs(node_id):
+    path, sep, name = node_id.partition("::")
+    assert sep and name and "[" not in name, f"{node_id}: expected path::function without parameters"
+    assert os.path.isfile(os.path.join(ROOT, path)), f"{node_id}: no such file"
+    names, decorators = _functions(path)
+    assert name in names, f"{node_id}: no such test function in {path}"
+    assert name.split("::")[-1].startswith("test_"), f"{node_id}: not a test function"
+    assert not _marks(decorators[name]) & {"skip", "skipif", "xfail"}, \
+        f"{node_id}: a skipped or xfail test proves nothing"
+
+
+def test_planned_settings_warn(tmp_path):
+    """The other half of the rule: a setting pgrelay does not enforce is planned, and setting it warns."""
+    registry = full_registry()
+    planned = sorted(s.name for s in registry if s.planned)
+    assert planned, "no planned settings?"
+    path = tmp_path / "planned.ini"
+    path.write_text("[pgbouncer]\n" + "".join(f"{s.name} = {s.default}\n" for s in registry if s.planned))
+    config = load_config(registry, str(path), env={})
+    silent = [name for name in planned if not any(f"setting '{name}' is not implemented" in w for w in config.warnings)]
+    assert not silent, f"planned settings accepted without a warning: {silent}"
