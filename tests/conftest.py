@@ -3,6 +3,7 @@ tests), and pgrelay processes built from pgbouncer.ini files."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -109,3 +110,17 @@ def replicated(request):
     yield Replicated(primary, standby)
     standby.stop("immediate")
     primary.cleanup()
+
+
+@pytest.fixture
+def restore_pgrelay_logger():
+    """Relay.reload() and in-process Relays reconfigure the 'pgrelay' logger (stderr handler, no
+    propagation): undo that after the test."""
+    logger = logging.getLogger("pgrelay")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in list(logger.handlers):
+        if handler not in saved[0]:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.propagate, logger.level = saved[1], saved[2]

@@ -253,3 +253,22 @@ def error_fields(body: bytes) -> dict[str, str]:
         if part:
             fields[chr(part[0])] = part[1:].decode("utf-8", "replace")
     return fields
+
+
+def data_rows(msgs, encoding: str = "utf-8") -> list[list[str | None]]:
+    """The values of every DataRow in `msgs` (from RawClient.query), as text; NULL is None."""
+    rows = []
+    for kind, body in msgs:
+        if kind == b"D":
+            count = struct.unpack("!H", body[:2])[0]
+            pos, values = 2, []
+            for _ in range(count):
+                size = struct.unpack("!i", body[pos:pos + 4])[0]
+                pos += 4
+                if size < 0:
+                    values.append(None)
+                else:
+                    values.append(body[pos:pos + size].decode(encoding))
+                    pos += size
+            rows.append(values)
+    return rows

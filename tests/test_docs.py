@@ -58,3 +58,16 @@ def test_example_plugins_in_readme_compile():
     assert len(examples) >= 4
     for example in examples:
         compile(example, "<README example>", "exec")
+
+
+def test_sentry_is_not_claimed_before_pgrelay_uses_it():
+    """sentry-sdk is installed for the coming Sentry integration; until pgrelay imports it, neither
+    the README nor a setting nor --help may say that Sentry works (issue 7, item 11)."""
+    import glob
+
+    sources = glob.glob(os.path.join(ROOT, "pgrelay", "**", "*.py"), recursive=True) \
+        + glob.glob(os.path.join(ROOT, "plugins", "**", "*.py"), recursive=True)
+    used = any("sentry_sdk" in open(path, encoding="utf-8").read() for path in sources)
+    if not used:
+        assert "sentry" not in readme().lower()
+        assert not [s.name for s in docs.full_registry() if "sentry" in s.name.lower()]

@@ -9,7 +9,7 @@ import time
 import psycopg2
 import pytest
 
-from ..support import RawClient, message, query_message, startup_packet, wait_until
+from ..support import RawClient, data_rows, message, query_message, startup_packet, wait_until
 
 PROTOCOL_3_0 = 196608
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
@@ -56,21 +56,6 @@ def raw_startup(version: int, body: bytes) -> bytes:
     """A startup packet with a hand-made parameter section (`body` must include any terminators)."""
     payload = struct.pack("!I", version) + body
     return struct.pack("!I", len(payload) + 4) + payload
-
-
-def data_rows(msgs) -> list[list[str]]:
-    rows = []
-    for kind, body in msgs:
-        if kind == b"D":
-            count = struct.unpack("!H", body[:2])[0]
-            pos, row = 2, []
-            for _ in range(count):
-                size = struct.unpack("!i", body[pos:pos + 4])[0]
-                pos += 4
-                row.append(body[pos:pos + size].decode())
-                pos += size
-            rows.append(row)
-    return rows
 
 
 def backend_pid_raw(raw: RawClient) -> int:

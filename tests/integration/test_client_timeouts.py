@@ -20,6 +20,17 @@ def lock_is_free(pg, table: str) -> bool:
         return False
 
 
+def assert_closed_with(raw: RawClient, message: str, since: float, timeout: float) -> None:
+    """The next thing `raw` gets is FATAL 08P01 `message`, between `timeout` and one janitor
+    period (plus slack) after `since`, and then the close."""
+    raw.sock.settimeout(5)
+    error = raw.read_error()
+    waited = time.monotonic() - since
+    assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", message)
+    assert timeout <= waited < timeout + 1.5, waited
+    assert raw.closed()
+
+
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_idle_transaction_timeout_closes_the_client_and_frees_its_locks(make_relay, pg, mode):
     pg.psql("CREATE TABLE IF NOT EXISTS timeout_locked (id int)")
@@ -28,13 +39,7 @@ def test_idle_transaction_timeout_closes_the_client_and_frees_its_locks(make_rel
     c.login()
     c.query("BEGIN")
     c.query("LOCK TABLE timeout_locked IN ACCESS EXCLUSIVE MODE")
-    start = time.monotonic()
-    c.sock.settimeout(5)
-    error = c.read_error()
-    waited = time.monotonic() - start
-    assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", "idle transaction timeout")
-    assert 1.0 <= waited < 2.5, waited
-    assert c.closed()
+    assert_closed_with(c, "idle transaction timeout", time.monotonic(), 1.0)
     assert lock_is_free(pg, "timeout_locked")
     assert "idle transaction timeout" in relay.log()
     nxt = connect(relay)
@@ -74,15 +79,10 @@ def test_client_idle_timeout_closes_an_idle_client(make_relay):
     idle.login()
     busy = connect(relay)
     start = time.monotonic()
-    idle.sock.settimeout(5)
     for _ in range(6):  # a client that keeps sending queries is not idle
         assert scalar(busy, "select 1") == 1
         time.sleep(0.3)
-    error = idle.read_error()
-    waited = time.monotonic() - start
-    assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", "client_idle_timeout")
-    assert 1.0 <= waited < 2.5, waited
-    assert idle.closed()
+    assert_closed_with(idle, "client_idle_timeout", start, 1.0)
     assert scalar(busy, "select 'busy stays'") == "busy stays"
     busy.close()
     fresh = connect(relay)

@@ -27,7 +27,7 @@ import trustme
 
 from pgrelay.tempdb import TempPostgres, free_port
 
-from ..support import RawClient, query_message, startup_packet, wait_until
+from ..support import RawClient, connect, data_rows, query_message, row, startup_packet, wait_until
 
 CANCEL_REQUEST_CODE = 80877102
 
@@ -51,30 +51,23 @@ def backends(pg, user: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def pg2(relay, autocommit: bool = True, **kw):
-    conn = psycopg2.connect(relay.dsn(**kw), connect_timeout=10)
-    conn.autocommit = autocommit
-    return conn
-
-
-def one(conn, sql: str, args=None):
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchone()
+def data_rows_latin1(msgs):
+    return data_rows(msgs, "latin-1")
 
 
 def run_query(relay, sql: str = "SELECT 1", **kw):
-    conn = pg2(relay, **kw)
+    conn = connect(relay, **kw)
     try:
-        return one(conn, sql)
+        return row(conn, sql)
     finally:
         conn.close()
 
 
 def holding(relay, **kw):
     """A client inside a transaction: in transaction pooling it holds its server until commit."""
-    conn = pg2(relay, autocommit=False, **kw)
-    one(conn, "SELECT 1")
+    conn = connect(relay, **kw)
+    conn.autocommit = False
+    row(conn, "SELECT 1")
     return conn
 
 
@@ -90,9 +83,9 @@ class Background:
 
     def _run(self, relay, sql, kw):
         try:
-            conn = pg2(relay, **kw)
+            conn = connect(relay, **kw)
             try:
-                self.row = one(conn, sql)
+                self.row = row(conn, sql)
             finally:
                 conn.close()
         except BaseException as exc:  # asserted on by the test
@@ -131,24 +124,6 @@ def parameter_status(msgs) -> dict[str, str]:
             name, value = body.split(b"\0")[:2]
             out[name.decode()] = value.decode()
     return out
-
-
-def data_rows(msgs) -> list[list[str | None]]:
-    rows = []
-    for kind, body in msgs:
-        if kind == b"D":
-            count = struct.unpack("!H", body[:2])[0]
-            pos, row = 2, []
-            for _ in range(count):
-                size = struct.unpack("!i", body[pos:pos + 4])[0]
-                pos += 4
-                if size < 0:
-                    row.append(None)
-                    continue
-                row.append(body[pos:pos + size].decode("latin-1"))
-                pos += size
-            rows.append(row)
-    return rows
 
 
 def wait_for_query(pg, pid: int, query: str, timeout: float = 5) -> None:
@@ -245,7 +220,7 @@ def test_unix_socket_dir(make_relay, tmp_path):
     assert not os.path.exists(f"/tmp/.s.PGSQL.{relay.port}")
     conn = psycopg2.connect(host=str(sockdir), port=relay.port, user="postgres", dbname="postgres", connect_timeout=5)
     try:
-        assert one(conn, "SELECT 1") == (1,)
+        assert row(conn, "SELECT 1") == (1,)
     finally:
         conn.close()
     # Empty: no Unix socket at all.
@@ -302,7 +277,7 @@ def test_max_packet_size(make_relay):
     raw = RawClient(relay.port)
     raw.login()
     small = "SELECT '" + "a" * 900 + "'"
-    assert data_rows(raw.query(small)) == [["a" * 900]]
+    assert data_rows_latin1(raw.query(small)) == [["a" * 900]]
     big = query_message("SELECT '" + "b" * 2000 + "'")
     raw.send(big)
     fields = raw.read_error()
@@ -326,15 +301,15 @@ def test_min_pool_size(make_relay, pg):
 def test_server_idle_timeout(make_relay, pg):
     ensure_role(pg, "se_idle")
     relay = make_relay({"server_idle_timeout": "1"})
-    conn = pg2(relay, user="se_idle")
+    conn = connect(relay, user="se_idle")
     try:
-        pid = one(conn, "SELECT pg_backend_pid()")[0]
+        pid = row(conn, "SELECT pg_backend_pid()")[0]
         assert backends(pg, "se_idle") == [pid]
         released = time.monotonic()
         wait_until(lambda: backends(pg, "se_idle") == [], timeout=5, message="the idle server to be closed")
         assert time.monotonic() - released >= 0.7
         assert "server idle timeout" in relay.log()
-        assert one(conn, "SELECT 1") == (1,)  # the client stays and gets a new server
+        assert row(conn, "SELECT 1") == (1,)  # the client stays and gets a new server
     finally:
         conn.close()
 
@@ -342,12 +317,12 @@ def test_server_idle_timeout(make_relay, pg):
 def test_server_lifetime(make_relay, pg):
     ensure_role(pg, "se_life")
     relay = make_relay({"server_lifetime": "1", "default_pool_size": "1"})
-    conn = pg2(relay, user="se_life")
+    conn = connect(relay, user="se_life")
     try:
         pids = []
         deadline = time.monotonic() + 2.8
         while time.monotonic() < deadline:  # never idle for long: server_idle_timeout plays no part
-            pids.append(one(conn, "SELECT pg_backend_pid()")[0])
+            pids.append(row(conn, "SELECT pg_backend_pid()")[0])
             time.sleep(0.05)
     finally:
         conn.close()
@@ -360,20 +335,20 @@ def test_server_reset_query(make_relay, pg):
     ensure_role(pg, "se_reset")
     custom = "SELECT 'pgrelay-custom-reset'"
     relay = make_relay({"pool_mode": "session", "default_pool_size": "1", "server_reset_query": custom})
-    conn = pg2(relay, user="se_reset")
-    pid = one(conn, "SELECT pg_backend_pid()")[0]
+    conn = connect(relay, user="se_reset")
+    pid = row(conn, "SELECT pg_backend_pid()")[0]
     conn.close()
     wait_for_query(pg, pid, custom)
     # Empty disables it: session state survives into the next client of the same server.
     ensure_role(pg, "se_noreset")
     bare = make_relay({"pool_mode": "session", "default_pool_size": "1", "server_reset_query": ""})
-    conn = pg2(bare, user="se_noreset")
-    pid = one(conn, "SELECT pg_backend_pid()")[0]
-    one(conn, "SELECT set_config('myapp.leak', 'kept', false)")
+    conn = connect(bare, user="se_noreset")
+    pid = row(conn, "SELECT pg_backend_pid()")[0]
+    row(conn, "SELECT set_config('myapp.leak', 'kept', false)")
     conn.close()
-    conn = pg2(bare, user="se_noreset")
+    conn = connect(bare, user="se_noreset")
     try:
-        assert one(conn, "SELECT pg_backend_pid(), current_setting('myapp.leak', true)") == (pid, "kept")
+        assert row(conn, "SELECT pg_backend_pid(), current_setting('myapp.leak', true)") == (pid, "kept")
     finally:
         conn.close()
 
@@ -385,12 +360,12 @@ def test_server_login_retry(make_relay, pg):
                                   "*": f"host=127.0.0.1 port={pg.port}"})
     try:
         with pytest.raises(psycopg2.OperationalError, match='database "se_late_db" does not exist'):
-            pg2(relay, dbname="late")
+            connect(relay, dbname="late")
         failed = time.monotonic()
         pg.psql("CREATE DATABASE se_late_db")
         # Within server_login_retry the cached error is answered without asking the server ...
         with pytest.raises(psycopg2.OperationalError, match="server login has been failing, cached error"):
-            pg2(relay, dbname="late")
+            connect(relay, dbname="late")
         # ... and once it has passed, a new login is tried and succeeds.
         def served():
             try:
@@ -477,8 +452,8 @@ def test_cancel_wait_timeout(make_relay, pg):
     try:
         relay = make_relay({"cancel_wait_timeout": "1", "default_pool_size": "1"},
                            databases={"*": f"host=127.0.0.1 port={proxy.port}"})
-        conn = pg2(relay, application_name="se_cancel")
-        slow = threading.Thread(target=lambda: one(conn, "SELECT pg_sleep(0.6)"), daemon=True)
+        conn = connect(relay, application_name="se_cancel")
+        slow = threading.Thread(target=lambda: row(conn, "SELECT pg_sleep(0.6)"), daemon=True)
         slow.start()
         wait_until(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
                                    "AND application_name = 'se_cancel'") == "1", message="the slow query")
@@ -625,7 +600,7 @@ def test_max_replica_lag(make_relay, replicated):
         except psycopg2.OperationalError as exc:
             return str(exc)
         try:
-            return one(conn, "SELECT pg_is_in_recovery()")[0]
+            return row(conn, "SELECT pg_is_in_recovery()")[0]
         finally:
             conn.close()
 
@@ -794,10 +769,10 @@ def test_database_host_port_dbname_user(make_relay, pg):
     ensure_role(pg, "se_forced")
     ensure_database(pg, "se_realdb")
     relay = make_relay(databases={"aliased": f"host={pg.socket_dir} port={pg.port} dbname=se_realdb user=se_forced"})
-    conn = pg2(relay, dbname="aliased")
+    conn = connect(relay, dbname="aliased")
     try:
         # A Unix socket directory as host: PostgreSQL sees no client address.
-        assert one(conn, "SELECT current_database(), current_user, inet_client_addr() IS NULL") == \
+        assert row(conn, "SELECT current_database(), current_user, inet_client_addr() IS NULL") == \
             ("se_realdb", "se_forced", True)
     finally:
         conn.close()
@@ -841,10 +816,10 @@ def assert_server_startup_parameters(relay, pg, **login) -> None:
     raw = RawClient(relay.port)
     welcome = parameter_status(raw.login(**login))
     assert [welcome[k] for k in ("client_encoding", "DateStyle", "TimeZone", "application_name")] == STARTUP_VALUES
-    row = data_rows(raw.query(STARTUP_SQL))[0]
+    values = data_rows_latin1(raw.query(STARTUP_SQL))[0]
     raw.close()
-    assert row[:4] == STARTUP_VALUES
-    assert pg.psql(f"SELECT application_name FROM pg_stat_activity WHERE pid = {row[4]}") == "se-srvapp"
+    assert values[:4] == STARTUP_VALUES
+    assert pg.psql(f"SELECT application_name FROM pg_stat_activity WHERE pid = {values[4]}") == "se-srvapp"
 
 
 def test_database_startup_parameters(make_relay, pg):
@@ -869,8 +844,8 @@ def test_cluster_keys(make_relay, pg):
     ]) + "\n"
     relay = make_relay({"cluster_usernames": "1", "default_pool_size": "10"}, extra_sections=clusters)
     # pool_mode=session (the global mode is transaction): the server is reset when its client leaves.
-    conn = pg2(relay, user="postgres.cmode")
-    pid = one(conn, "SELECT pg_backend_pid()")[0]
+    conn = connect(relay, user="postgres.cmode")
+    pid = row(conn, "SELECT pg_backend_pid()")[0]
     conn.close()
     wait_for_query(pg, pid, "DISCARD ALL")
     # pool_size=1

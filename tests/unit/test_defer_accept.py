@@ -12,18 +12,8 @@ from pgrelay.relay import Relay
 from pgrelay.settings import core_registry
 from pgrelay.tempdb import free_port
 
-pytestmark = pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="TCP_DEFER_ACCEPT is Linux only")
-
-
-@pytest.fixture(autouse=True)
-def restore_pgrelay_logger():
-    logger = logging.getLogger("pgrelay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    for handler in list(logger.handlers):
-        if handler not in saved[0]:
-            logger.removeHandler(handler)
-    logger.propagate, logger.level = saved[1], saved[2]
+pytestmark = [pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="TCP_DEFER_ACCEPT is Linux only"),
+              pytest.mark.usefixtures("restore_pgrelay_logger")]
 
 
 def bound_relay(tmp_path, setting: str | None) -> Relay:

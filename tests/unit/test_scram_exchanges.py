@@ -114,18 +114,12 @@ def write_users(path, password: str) -> None:
 
 
 @pytest.fixture
-def relay(tmp_path):
-    logger = logging.getLogger("pgrelay")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
+def relay(tmp_path, restore_pgrelay_logger):
     write_users(tmp_path / "users.txt", "Old-Plain-Pw-1")
     (tmp_path / "r.ini").write_text(
         "[databases]\nother = host=127.0.0.1 port=1\n[pgbouncer]\nauth_type = scram-sha-256\n"
         f"auth_file = {tmp_path / 'users.txt'}\nlog_connections = 1\nlog_disconnections = 1\n")
     yield Relay(str(tmp_path / "r.ini"), env={})
-    for handler in list(logger.handlers):
-        if handler not in saved[0]:
-            logger.removeHandler(handler)
-    logger.propagate, logger.level = saved[1], saved[2]
 
 
 NO_DB = ("FATAL", "3D000", "no such database: nope")
