@@ -328,7 +328,8 @@ def test_queued_client_trickling_a_large_query_costs_little_cpu(make_relay):
     thread.start()
     done.wait(8)  # pgrelay may stop reading a queued client: then the trickle blocks, as it should
     spent = cpu_seconds(relay) - before
-    assert spent < 2.0, f"pgrelay spent {spent:.1f} s of CPU on one queued client trickling 1 MB"
+    # Measured: 0.08 s; the unbounded, quadratic pending buffer cost 2.5 s in this window.
+    assert spent < 1.0, f"pgrelay spent {spent:.1f} s of CPU on one queued client trickling 1 MB"
     holder.rollback()
     thread.join(60)
     assert done.is_set()
