@@ -1,4 +1,4 @@
-"""The `pgrelay` command: run a relay from a config file, list plugins, show help, or run the demo."""
+"""The `pgrelay` command: run a relay from a config file, list plugins, show help, run the demo, or check the budget."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 USAGE = """pgrelay [CONFIG_FILE | -c CONFIG_FILE] [--SETTING VALUE ...]
        pgrelay demo [--pool_mode MODE] [--listen_port PORT]
+       pgrelay check CONFIG_FILE [--live] [--processes N] [--max-connections N] ...
        pgrelay --list-plugins [CONFIG_FILE]
        pgrelay --help | --version
 """
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
         return demo_main(argv[1:])
+    if argv and argv[0] == "check":
+        from .budget.command import main as check_main
+        return check_main(argv[1:])
     from .errors import ConfigError
     path, rest, flags = split_args(argv)
     if "--version" in flags or "-V" in flags:
@@ -99,6 +103,7 @@ def _help() -> int:
     parser.epilog = ("\n".join(sections) + "\n\n"
                      "Settings are read from the config file's [pgbouncer] (or [pgrelay]) section, then from\n"
                      "PGRELAY_<NAME> environment variables, then from --<name> flags, each overriding the last.\n"
-                     "Other flags: --list-plugins, --version, -h/--help. `pgrelay demo` runs a throwaway setup.")
+                     "Other flags: --list-plugins, --version, -h/--help. `pgrelay demo` runs a throwaway setup;\n"
+                     "`pgrelay check FILE` prints the connection budget (pgrelay check --help).")
     parser.print_help()
     return 0

@@ -49,7 +49,7 @@ class ClientConnection(Peer):
                  "user", "database", "params", "pvals", "key", "skip", "carry", "open_batch", "pending", "pending_queries",
                  "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
                  "close_reason", "spec", "limits", "leaving", "term_queries", "cancel_server", "touched",
-                 "quiet_since", "__weakref__")
+                 "quiet_since", "xact_start", "__weakref__")
 
     def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener"):
         self.relay = relay
@@ -76,6 +76,7 @@ class ClientConnection(Peer):
         self.cancel_server = None    # our last server, withheld from others while our cancel is in flight
         self.touched = False         # read since the janitor last looked (client_idle_timeout etc.)
         self.quiet_since = 0.0       # when the janitor last saw this client or its server busy
+        self.xact_start = 0.0        # when its transaction began (link; janitor); 0: none (transaction_timeout)
         self.out: bytearray | None = None
         self.paused = None           # the server whose reading we paused while `out` drains
         self.paused_by = None        # the server that paused our reading while its `out` drains
@@ -260,6 +261,9 @@ class ClientConnection(Peer):
         self.pvals = relay.tracked_values(defaults, self.params)
         tracked = relay.tracked_index
         out = [protocol.AUTH_OK]
+        notice = relay.config.login_notify_message
+        if notice:  # as PgBouncer: a NOTICE (SQLSTATE 00000) right after AuthenticationOk
+            out.append(protocol.error_response("NOTICE", "00000", notice, kind=b"N"))
         for name, value in server_params:
             index = tracked.get(name.lower())
             if index is not None and self.pvals[index] is not None:
@@ -336,7 +340,7 @@ class ClientConnection(Peer):
                     return
             idle = pool.idle
             if idle and not pool.waiting:
-                server = idle[-1]
+                server = idle[pool.take]  # -1: LIFO; 0: server_round_robin
                 if server.pvals is not self.pvals and server.pvals != self.pvals:
                     self.deliver(server, data, queries)
                     return

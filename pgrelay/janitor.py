@@ -9,27 +9,50 @@ from typing import TYPE_CHECKING
 
 import gevent
 
+from . import protocol
 from .errors import Reject
-from .pool import CL_ACTIVE, CL_IDLE, SV_ACTIVE, SV_DRAIN
+from .pool import CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, MODE_SESSION, SV_ACTIVE, SV_DRAIN
 
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .pool import Pool
     from .relay import Relay
+    from .routing import Route
+    from .server import ServerConnection
 
 log = logging.getLogger("pgrelay")
 
 TICK = 0.5
+_I = 73  # ReadyForQuery status 'I': not inside a transaction block
+QUEUED_NOTICE = protocol.error_response(
+    "NOTICE", "00000", "No server connection available in postgres backend, client being queued", kind=b"N")
+
+
+def _client_timeouts(route: "Route") -> bool:
+    return bool(route.query_timeout or route.transaction_timeout or route.idle_transaction_timeout
+                or route.client_idle_timeout)
 
 
 class Janitor:
-    """Runs `tick()` a couple of times a second in its own greenlet (PgBouncer's janitor.c)."""
+    """Runs `tick()` a couple of times a second in its own greenlet (PgBouncer's janitor.c).
+
+    Per-pool values come from the client's route ([users], [databases]); as in PgBouncer, a [users]
+    query_timeout, transaction_timeout, idle_transaction_timeout or client_idle_timeout of 0 means
+    "not set" (the global one applies), while query_wait_timeout and server_lifetime take the
+    route's value when it is set. Global values are read at each tick, so a reload applies at once.
+    """
 
     def __init__(self, relay: "Relay"):
         self.relay = relay
         self.greenlet = None
         self.last_stats = time.monotonic()
         self.last_totals: dict[str, tuple] = {}
+        self.requests: dict[int, float] = {}   # client id -> the tick that saw its last request
+        self.sweeping = False                   # whether the last tick swept the clients
+        self.notified: set[int] = set()         # clients sent the query_wait_notify NOTICE
+        self.empty_since: dict[Pool, float] = {}  # pools without clients or servers (pool_idle_timeout)
 
     def start(self) -> None:
         self.greenlet = gevent.spawn(self._run)
@@ -50,13 +73,16 @@ class Janitor:
         relay = self.relay
         config = relay.config
         now = time.monotonic()
-        if config.client_idle_timeout or config.idle_transaction_timeout:
-            self._idle_clients(now)
+        if self._sweep_needed():
+            self._clients(now, fresh=not self.sweeping)
+            self.sweeping = True
+        else:
+            self.sweeping = False
+        if self.notified:
+            self.notified = {cid for cid in self.notified if cid in relay.clients}
         for pool in list(relay.pools.values()):
-            if config.query_wait_timeout:
-                for client in list(pool.waiting):
-                    if now - client.wait_start > config.query_wait_timeout:
-                        client.disconnect("query_wait_timeout", Reject("query_wait_timeout"))
+            if pool.waiting:
+                self._queued(pool, now)
             self._reap_stalled_waiting(pool)
             if config.server_drain_timeout:
                 for server in list(pool.servers):
@@ -66,13 +92,18 @@ class Janitor:
                 if config.server_idle_timeout and now - server.idle_since > config.server_idle_timeout \
                         and len(pool.servers) > pool.route.min_pool_size:
                     server.close("server idle timeout")
-            if config.server_lifetime:
+            lifetime = pool.route.server_lifetime or config.server_lifetime  # [databases] 0: not set
+            if lifetime:
                 for server in list(pool.servers):
-                    if now - server.connect_time > config.server_lifetime and not server.close_reason:
+                    if now - server.connect_time > lifetime and not server.close_reason:
                         server.close_reason = "server lifetime over"  # busy ones close when released
                         if server in pool.idle:
                             server.close(server.close_reason)
-            pool.launch_if_needed()
+            pool.mark_used(now)
+            pool.trim(now)
+            pool.launch_if_needed()  # also opens reserve servers once clients waited reserve_pool_timeout
+        relay.trim_groups()
+        self._free_unused_pools(now)
         if config.stats_period and now - self.last_stats >= config.stats_period:
             elapsed = now - self.last_stats
             self.last_stats = now
@@ -81,27 +112,138 @@ class Janitor:
                 self._log_stats(snapshot, elapsed)
             relay.report_stats(snapshot)
 
-    def _idle_clients(self, now: float) -> None:
-        """client_idle_timeout (no server linked) and idle_transaction_timeout (linked, inside a
-        transaction, nothing running), as PgBouncer: quiet time counts from the last time the client
-        sent something or its server was busy, as seen by this janitor (within one TICK)."""
+    # -- connected clients: query, transaction, idle transaction and client idle timeouts -------------
+
+    def _sweep_needed(self) -> bool:
+        """Whether any of the per-client timeouts is set, globally or on a pool's route. (A client
+        of a pool shared by several login users, under a forced server user, carries its own route;
+        the pool shows the last one that logged in.)"""
         config = self.relay.config
-        idle_timeout, idle_tx_timeout = config.client_idle_timeout, config.idle_transaction_timeout
+        if config.query_timeout or config.transaction_timeout or config.idle_transaction_timeout \
+                or config.client_idle_timeout:
+            return True
+        return any(_client_timeouts(pool.route) for pool in self.relay.pools.values())
+
+    def _clients(self, now: float, fresh: bool) -> None:
+        """The per-client timeouts, as PgBouncer's janitor applies them, on what this janitor saw
+        (so within one TICK; an instant is never guessed earlier than it was, so nothing fires early):
+
+        - the client's last request: the first tick that saw it read (`touched`) after it;
+        - quiet time (client_idle_timeout, idle_transaction_timeout): since the last request or the
+          last tick its server was busy, so a long query's end does not count as idle time;
+        - its transaction's start (`xact_start`): set by link() (exact), cleared here when its server
+          is seen between transactions, and set to the first tick that sees it in one again (session
+          mode, or a transaction pipelined after the last one). A session that runs transactions
+          back to back, never seen between two, counts them as one.
+
+        query_timeout: a server that is not idle (a query running, or inside a transaction) and
+        the client's last request older than the timeout: PgBouncer's "query timeout" (so, as there,
+        it also ends a transaction left idle that long). idle_transaction_timeout: nothing running
+        inside a transaction for that long. transaction_timeout: the transaction open that long.
+        Each closes the server (PostgreSQL rolls the transaction back) and then the client with
+        FATAL 08P01 and PgBouncer's text. client_idle_timeout: no server linked and quiet that long.
+        """
+        config = self.relay.config
+        requests, self.requests = self.requests, {}
         for client in list(self.relay.clients.values()):
-            if client.state != CL_IDLE and client.state != CL_ACTIVE:
+            state = client.state
+            if state == CL_LOGIN or state == CL_CLOSED:
                 continue
-            server = client.server
-            if client.touched or (server is not None and (server.expect or server.state != SV_ACTIVE)):
+            if client.touched:
                 client.touched = False
-                client.quiet_since = now
-                continue
-            quiet = now - client.quiet_since
+                client.quiet_since = last = now
+            else:
+                last = requests.get(client.id, client.quiet_since)
+            self.requests[client.id] = last
+            if state != CL_IDLE and state != CL_ACTIVE:
+                continue  # queued: _queued applies the queue timeouts
+            route = client.route or client.pool.route
+            server = client.server
             if server is None:
-                if idle_timeout and quiet > idle_timeout:
+                timeout = route.client_idle_timeout or config.client_idle_timeout
+                if timeout and now - client.quiet_since > timeout:
                     client.disconnect("client_idle_timeout", Reject("client_idle_timeout"))
-            elif idle_tx_timeout and server.txstatus != 73 and quiet > idle_tx_timeout:  # not 'I'
-                server.close("idle transaction timeout")
-                client.disconnect("idle transaction timeout", Reject("idle transaction timeout"))
+                continue
+            running = server.expect or server.state != SV_ACTIVE
+            if running:
+                client.quiet_since = now
+            elif server.txstatus == _I:
+                client.xact_start = 0.0  # between transactions: the server is ready
+                continue
+            if not client.xact_start or (fresh and client.pool.mode == MODE_SESSION):
+                client.xact_start = now  # first seen inside it (or this sweep just began)
+            timeout = route.query_timeout or config.query_timeout
+            if timeout and now - last > timeout:
+                self._close(client, server, "query timeout")
+                continue
+            timeout = route.idle_transaction_timeout or config.idle_transaction_timeout
+            if timeout and not running and now - client.quiet_since > timeout:
+                self._close(client, server, "idle transaction timeout")
+                continue
+            timeout = route.transaction_timeout or config.transaction_timeout
+            if timeout and now - client.xact_start > timeout:
+                self._close(client, server, "transaction timeout")
+
+    @staticmethod
+    def _close(client: "ClientConnection", server: "ServerConnection", reason: str) -> None:
+        """PgBouncer's disconnect_server for a linked server: the server closes, then its client
+        gets the reason as FATAL (08P01) and closes too."""
+        server.close(reason)
+        client.disconnect(reason, Reject(reason))
+
+    # -- queued clients -----------------------------------------------------------------------------
+
+    def _queued(self, pool: "Pool", now: float) -> None:
+        """Clients waiting for a server, counted from when they were queued: past query_timeout they
+        go with "query_timeout", past query_wait_timeout ([users], else [databases], else global)
+        with "query_wait_timeout"; past query_wait_notify they get one NOTICE (once per connection)."""
+        config = self.relay.config
+        notify = config.query_wait_notify
+        for client in list(pool.waiting):
+            if client.state != CL_WAITING:
+                continue
+            route = client.route or pool.route
+            waited = now - client.wait_start
+            query_timeout = route.query_timeout or config.query_timeout
+            wait_timeout = config.query_wait_timeout if route.query_wait_timeout is None else route.query_wait_timeout
+            if query_timeout and waited > query_timeout:
+                client.disconnect("query_timeout", Reject("query_timeout"))
+            elif wait_timeout and waited > wait_timeout:
+                client.disconnect("query_wait_timeout", Reject("query_wait_timeout"))
+            elif notify and waited > notify and client.id not in self.notified:
+                self.notified.add(client.id)
+                client.write(QUEUED_NOTICE)
+
+    # -- pools nobody uses ----------------------------------------------------------------------------
+
+    def _free_unused_pools(self, now: float) -> None:
+        """pool_idle_timeout: a pool with no clients and no servers for that long is forgotten (its
+        statistics too); the next client of its route gets a new one."""
+        relay = self.relay
+        timeout = relay.config.pool_idle_timeout
+        if not timeout:
+            self.empty_since = {}
+            return
+        empty, expired = {}, []
+        for pool in relay.pools.values():
+            if pool.nclients or pool.servers or pool.waiting or pool.per_client:
+                continue
+            since = empty[pool] = self.empty_since.get(pool, now)
+            if now - since > timeout:
+                expired.append(pool)
+        self.empty_since = empty
+        if not expired:
+            return
+        held = {id(client.pool) for client in relay.clients.values()}  # logging in: not counted yet
+        for pool in expired:
+            if id(pool) in held or relay.pools.get(pool.key) is not pool:
+                continue
+            del relay.pools[pool.key]
+            self.last_totals.pop(pool.name, None)  # a new pool of that name counts from zero
+            for limit in pool.route.server_limits:
+                relay.server_groups.get(limit.key, set()).discard(pool)
+            log.info("pool %s freed: no clients and no servers for %ds (pool_idle_timeout)", pool.name,
+                     now - empty.pop(pool))
 
     def _reap_stalled_waiting(self, pool) -> None:
         """Queued clients no longer read (their QUEUED_INPUT_LIMIT is reached) cannot show a close

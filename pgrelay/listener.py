@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent import get_hub
 
+from . import sockopts
 from .errors import ConfigError
 from .routing import Listener
 
@@ -124,6 +125,7 @@ class Listeners:
                 peer = "unix"
             else:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sockopts.tune(sock, self.relay.config)  # tcp_keepalive etc., as they are now
                 peer = f"{addr[0]}:{addr[1]}"
             try:
                 self.relay.accept(sock, peer, bound.info)

@@ -28,8 +28,10 @@ CLIENT_STATE_NAMES = ("login", "idle", "waiting", "active", "closed")
 
 # Server states. ACTIVE and SYNC are linked to a client; the others are not. DRAIN: the client
 # left while the server still owed replies; they are read and dropped before reuse or close.
-SV_LOGIN, SV_IDLE, SV_ACTIVE, SV_SYNC, SV_RESET, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN = range(8)
-SERVER_STATE_NAMES = ("login", "idle", "active", "sync", "reset", "cancel_wait", "closed", "drain")
+# USED: idle longer than server_check_delay, so it runs server_check_query (TESTED) before reuse.
+SV_LOGIN, SV_IDLE, SV_ACTIVE, SV_SYNC, SV_RESET, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN, SV_USED, SV_TESTED = range(10)
+SERVER_STATE_NAMES = ("login", "idle", "active", "sync", "reset", "cancel_wait", "closed", "drain", "used", "tested")
+UNLINKED_SPARE = (SV_IDLE, SV_USED)  # states of a server no one uses and that may be closed at once
 
 MODE_CODES = {SESSION: 0, TRANSACTION: 1, STATEMENT: 2}
 MODE_SESSION, MODE_TRANSACTION, MODE_STATEMENT = 0, 1, 2
@@ -56,6 +58,8 @@ class Pool:
         self.name = route.name
         self.per_client = route.per_client
         self.idle: list[ServerConnection] = []  # LIFO: the most recently used server is reused first
+        self.used: list[ServerConnection] = []  # idle past server_check_delay: checked before reuse
+        self.testing = 0                         # servers running server_check_query
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.servers: set[ServerConnection] = set()
         self.logging_in = 0
@@ -73,8 +77,9 @@ class Pool:
         self.route = route
         self.mode = MODE_CODES[route.pool_mode]
         self.reuse = route.reuse
-        self.size = route.pool_size
         config = self.relay.config
+        self.size = config.default_pool_size if route.pool_size is None else route.pool_size
+        self.take = 0 if config.server_round_robin else -1  # which idle server the next client gets
         self.reset_query = config.server_reset_query if (
             self.mode == MODE_SESSION or config.server_reset_query_always) else ""
 
@@ -86,8 +91,8 @@ class Pool:
         if self.login_error is not None and time.monotonic() < self.login_error_until:
             client.fail_pending(self.cached_login_error())  # an ERROR for its queries, not a disconnect
             return
-        if self.size == 0 or len(self.servers) < self.size:
-            self.launch_if_needed()
+        if self.used or self.size == 0 or len(self.servers) < self.size:
+            self.launch_if_needed()  # checks a server due a check, or opens one
 
     def launch_if_needed(self) -> None:
         """Open servers while clients wait (or min_pool_size is unmet) and size allows."""
@@ -95,15 +100,78 @@ class Pool:
             return
         if self.login_error is not None and time.monotonic() < self.login_error_until:
             return
-        wanted = len(self.waiting) - self.logging_in
-        if self.welcome is None and not self.servers:
-            wanted = max(wanted, 1)
-        wanted = max(wanted, self.route.min_pool_size - len(self.servers))
-        while wanted > 0 and (self.size == 0 or len(self.servers) < self.size):
-            if self.route.server_limits and not self.relay.server_room(self):
+        limited = bool(self.route.server_limits)
+        while True:
+            wanted = len(self.waiting) - self.logging_in - self.testing
+            if wanted > 0 and self.used:  # an idle server due a check comes before a new one
+                self.used[-1].check(self.relay.config.server_check_query)
+                continue
+            if self.welcome is None and not self.servers:
+                wanted = max(wanted, 1)
+            wanted = max(wanted, self.route.min_pool_size - len(self.servers))
+            allowed = self.allowed_servers()
+            if wanted <= 0 or (allowed and len(self.servers) >= allowed):
+                return
+            if limited and not self.relay.server_room(self):
                 return  # a server limit of the group is reached; group_changed() calls back
+            if limited and not self.relay.server_room(self, evict=False):
+                continue  # closing an evicted server let a waiting pool (maybe this one) take the room
             self.relay.launch_server(self)
-            wanted -= 1
+
+    def reserve(self) -> int:
+        """reserve_pool_size for this pool: its route's ([users], [databases]), else the global one."""
+        reserve = self.route.reserve_pool_size
+        return self.relay.config.reserve_pool_size if reserve is None else reserve
+
+    def allowed_servers(self) -> int:
+        """How many servers the pool may have now (0: no limit): its size, plus reserve_pool_size
+        once the first queued client has waited reserve_pool_timeout, as in PgBouncer."""
+        if self.size == 0:
+            return 0
+        reserve = self.reserve()
+        if reserve and self.waiting \
+                and time.monotonic() - self.waiting[0].wait_start >= self.relay.config.reserve_pool_timeout:
+            return self.size + reserve
+        return self.size
+
+    def spare(self):
+        """An unused server that may be closed to make room (the longest unused), or None."""
+        return self.used[0] if self.used else (self.idle[0] if self.idle else None)
+
+    def mark_used(self, now: float) -> None:
+        """Janitor: idle servers unused for server_check_delay must pass server_check_query before
+        their next client (PgBouncer's used list); checks happen only when a client needs one."""
+        config = self.relay.config
+        if not config.server_check_query:
+            return
+        for server in list(self.idle):
+            if now - server.idle_since >= config.server_check_delay:
+                change_server_state(server, SV_USED)
+        for server in list(self.used):  # the idle servers' timeouts apply to them as well
+            if config.server_idle_timeout and now - server.idle_since > config.server_idle_timeout \
+                    and len(self.servers) > self.route.min_pool_size:
+                server.close("server idle timeout")
+            elif server.close_reason:
+                server.close(server.close_reason)
+
+    def trim(self, now: float) -> None:
+        """Close idle servers the pool no longer may have (janitor): beyond size plus reserve (after
+        a reload lowered them: PgBouncer's "too many servers in the pool"), and reserve servers once
+        no client has waited for reserve_pool_timeout. Busy servers are never closed here."""
+        if self.size == 0:
+            return
+        extra = len(self.servers) - self.size
+        if extra <= 0:
+            return
+        over = len(self.servers) - (self.size + self.reserve())
+        quiet = not self.waiting
+        for server in self.used + self.idle:
+            if extra <= 0:
+                break
+            if over > 0 or (quiet and now - server.idle_since >= self.relay.config.reserve_pool_timeout):
+                server.close("too many servers in the pool" if over > 0 else "reserve pool no longer needed")
+                extra -= 1
+                over -= 1
 
     def add_server(self, server: "ServerConnection") -> None:
         self.servers.add(server)
@@ -212,7 +280,9 @@ class Pool:
 
 
 def link(client: "ClientConnection", server: "ServerConnection", state: int = SV_ACTIVE) -> None:
-    """Attach a server to a client; both become active."""
+    """Attach a server to a client; both become active. The client's transaction began now, or when
+    it was queued for this server (transaction_timeout; the janitor follows later ones in session mode)."""
+    client.xact_start = client.wait_start if client.state == CL_WAITING else time.monotonic()
     change_server_state(server, state)
     server.client = client
     client.server = server
@@ -265,11 +335,21 @@ def change_server_state(server: "ServerConnection", new: int) -> None:
         idle = pool.idle
         if idle and idle[-1] is server:
             idle.pop()
+        elif idle and idle[0] is server:
+            del idle[0]
         else:
             idle.remove(server)
+    elif old == SV_USED:
+        pool.used.remove(server)
+    elif old == SV_TESTED:
+        pool.testing -= 1
     server.state = new
     if new == SV_IDLE:
         server.idle_since = time.monotonic()
         pool.idle.append(server)
+    elif new == SV_USED:
+        pool.used.append(server)
+    elif new == SV_TESTED:
+        pool.testing += 1
     elif new == SV_CLOSED:
         pool.remove(server)

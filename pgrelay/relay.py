@@ -22,7 +22,7 @@ from .config import Config, load_config
 from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
 from .listener import Listeners, listener_specs
 from .plugins import make_plugin_manager
-from .pool import CL_CLOSED, SV_ACTIVE, SV_DRAIN, SV_IDLE, Pool
+from .pool import CL_CLOSED, SV_ACTIVE, SV_DRAIN, UNLINKED_SPARE, Pool
 from .protocol import quote_literal
 from .health import HealthMonitor
 from .routing import PRIMARY, Database, HostAddr, Login, Route, UserSpec
@@ -167,7 +167,7 @@ class Relay:
             for pool in list(self.pools.values()):
                 for server in list(pool.servers):
                     server.close_reason = "pooler is shutting down"
-                    if server in pool.idle:
+                    if server.state in UNLINKED_SPARE:
                         server.close(server.close_reason)
         self.hook.pgrelay_shutdown(relay=self, mode=mode)
         if mode == "wait_for_servers":
@@ -225,6 +225,8 @@ class Relay:
         client.limits = ()
         pool = client.pool
         if pool is not None and pool.per_client:
+            for limit in pool.route.server_limits:
+                self.server_groups.get(limit.key, set()).discard(pool)
             for server in list(pool.servers):
                 if server.state != SV_DRAIN:  # a draining server closes once its replies are in
                     server.close("direct client left")
@@ -257,11 +259,11 @@ class Relay:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(self, route, key)
-            for limit in route.server_limits:
-                if limit.maximum:
-                    self.server_groups[limit.key].add(pool)
         elif pool.route != route:
             pool.configure(route)
+        for limit in route.server_limits:  # a reload may have added a cap to an existing pool
+            if limit.maximum:
+                self.server_groups[limit.key].add(pool)
         return pool
 
     def launch_server(self, pool: Pool) -> None:
@@ -270,21 +272,37 @@ class Relay:
         pool.add_server(server)
         gevent.spawn(server.login)
 
-    def server_room(self, pool: Pool) -> bool:
-        """Whether `pool` may open another server under its server limits, evicting an idle server
-        of another pool in the same group if that makes room."""
+    def server_room(self, pool: Pool, evict: bool = True) -> bool:
+        """Whether `pool` may open another server under its server limits; with `evict`, an idle
+        server of another pool of the group is closed if that makes room (the close may hand the
+        room to another waiting pool at once: callers check again without evicting)."""
         for limit in pool.route.server_limits:
             if limit.maximum and self.server_counts[limit.key] >= limit.maximum:
-                if not self._evict_idle(limit.key, pool):
+                if not evict or not self._evict_idle(limit.key, pool):
                     return False
         return True
 
     def _evict_idle(self, key, wanting: Pool) -> bool:
-        for other in self.server_groups.get(key, ()):
-            if other is not wanting and other.idle:
-                other.idle[0].close("evicted to make room for another pool of its group")
-                return True
-        return False
+        """Close an idle server of the group's pool that has the most servers (fair across pools),
+        as PgBouncer evicts for max_db_connections and max_user_connections."""
+        candidates = [other for other in self.server_groups.get(key, ()) if other is not wanting and other.spare()]
+        if not candidates:
+            return False
+        fullest = max(candidates, key=lambda pool: len(pool.servers))
+        fullest.spare().close("evicted to make room for another pool of its group")
+        return True
+
+    def trim_groups(self) -> None:
+        """A reload lowered a shared cap below its count: close idle servers of the group (never
+        busy ones) until it fits (janitor)."""
+        for key, pools in list(self.server_groups.items()):
+            maximum = next((limit.maximum for pool in pools for limit in pool.route.server_limits
+                            if limit.key == key), 0)
+            while maximum and self.server_counts[key] > maximum:
+                idle = [pool for pool in pools if pool.spare()]
+                if not idle:
+                    break
+                max(idle, key=lambda pool: len(pool.servers)).spare().close("too many servers for the group")
 
     def group_changed(self, pool: Pool) -> None:
         """A server of `pool`'s groups closed or went idle: let waiting pools of those groups launch."""
@@ -306,7 +324,7 @@ class Relay:
                     for server in list(pool.servers):
                         if server.addr is not None and server.addr != chosen and not server.close_reason:
                             server.close_reason = f"host {server.addr} is no longer the primary"
-                            if server.state == SV_IDLE:
+                            if server.state in UNLINKED_SPARE:
                                 server.close(server.close_reason)
             pool.launch_if_needed()
 

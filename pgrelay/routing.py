@@ -76,6 +76,12 @@ class Database:
     server_params: tuple[tuple[str, str], ...] = ()
     replicas: tuple[HostAddr, ...] = ()
     cluster: str | None = None
+    # Per-database limits and timeouts ([databases] keys); None means the global setting.
+    reserve_pool_size: int | None = None
+    max_db_connections: int | None = None
+    max_db_client_connections: int | None = None
+    server_lifetime: float | None = None
+    query_wait_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class Route:
     server_user: str
     server_password: str | None = field(default=None, repr=False)
     pool_mode: str = SESSION
-    pool_size: int = 20
+    pool_size: int | None = None  # None: default_pool_size, read when used (so a reload applies)
     min_pool_size: int = 0
     connect_query: str = ""
     server_params: tuple[tuple[str, str], ...] = ()
@@ -124,3 +130,12 @@ class Route:
     client_limits: tuple[ClientLimit, ...] = ()
     server_limits: tuple[ServerLimit, ...] = ()
     per_client: bool = False
+    # Effective per-pool values from [users] and [databases] (the user's wins, as in PgBouncer);
+    # None means the global setting of the same name, read when it is used (so a reload applies).
+    reserve_pool_size: int | None = None
+    query_timeout: float | None = None
+    query_wait_timeout: float | None = None
+    transaction_timeout: float | None = None
+    idle_transaction_timeout: float | None = None
+    client_idle_timeout: float | None = None
+    server_lifetime: float | None = None

@@ -14,7 +14,8 @@ from . import protocol, server_login
 from .errors import CONNECTION_FAILURE, ProtocolViolation, Reject, ServerError
 from .peer import Peer
 from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN,
-                   SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, change_client_state, change_server_state, unlink)
+                   SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, SV_TESTED, SV_USED, UNLINKED_SPARE, change_client_state,
+                   change_server_state, unlink)
 from .routing import HostAddr
 from .stream import RECV_SIZE, WOULD_BLOCK, Stream
 
@@ -164,12 +165,12 @@ class ServerConnection(Peer):
         try:
             if self.state == SV_ACTIVE:
                 self._relay(data)
-            elif self.state == SV_SYNC or self.state == SV_RESET:
+            elif self.state == SV_SYNC or self.state == SV_RESET or self.state == SV_TESTED:
                 self._swallow(data)
             elif self.state == SV_DRAIN:
                 self._drain(data)
             else:
-                self.close("idle server got data" if self.state == SV_IDLE else "server sent data while unlinked")
+                self.close("idle server got data" if self.state in UNLINKED_SPARE else "server sent data while unlinked")
         except ProtocolViolation as exc:
             self.lost(f"server protocol violation: {exc}")
         except Exception:
@@ -311,6 +312,14 @@ class ServerConnection(Peer):
         client.stop_reading()
         self.write(protocol.query(sql))
 
+    def check(self, sql: str) -> None:
+        """server_check_query before reuse of a server idle past server_check_delay; _swallowed
+        gives it to the next client, or closes it if the query failed."""
+        change_server_state(self, SV_TESTED)
+        self.swallow = bytearray()
+        self.sync_error = None
+        self.write(protocol.query(sql))
+
     def reset(self, sql: str) -> None:
         """Run server_reset_query before the server goes back to the pool."""
         change_server_state(self, SV_RESET)
@@ -350,6 +359,12 @@ class ServerConnection(Peer):
 
     def _swallowed(self) -> None:
         error = self.sync_error
+        if self.state == SV_TESTED:
+            if error is not None or self.txstatus != _I:
+                self.close("server check failed")  # its pool launches another for the waiting clients
+            else:
+                self.pool.give(self)
+            return
         if self.state == SV_RESET:
             if error is not None or self.txstatus != _I:
                 self.close("server_reset_query failed")
@@ -495,7 +510,7 @@ class ServerConnection(Peer):
         was = self.state
         change_server_state(self, SV_CLOSED)
         if self.stream is not None:
-            if was in (SV_IDLE, SV_CANCEL_WAIT) and self.out is None:
+            if was in (SV_IDLE, SV_USED, SV_CANCEL_WAIT) and self.out is None:
                 self.stream.try_send(protocol.TERMINATE)
             self.stream.close()
         route = self.pool.route
@@ -521,7 +536,7 @@ class ServerConnection(Peer):
     def _cancel(self) -> None:
         try:
             with Timeout(self.relay.config.cancel_wait_timeout or None):
-                stream = Stream(server_login.open_socket(self.addr))
+                stream = Stream(server_login.open_socket(self.addr, self.relay.config))
                 try:
                     stream.sendall(protocol.cancel_request(self.key))
                     try:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from gevent import get_hub
 from gevent import socket as gsocket
 
-from . import protocol
+from . import protocol, sockopts
 from .auth import SCRAM_MECHANISM, SCRAM_PLUS_MECHANISM, ScramError, md5_from_secret, md5_password
 from .errors import ClientGone, ProtocolViolation, ServerError
 from .stream import Stream
@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 _unpack = protocol._I32.unpack_from
 
 
-def open_socket(addr: "HostAddr") -> socket.socket:
-    """A connected, non-blocking socket to a server address (TCP or Unix); waits in the greenlet."""
+def open_socket(addr: "HostAddr", config=None) -> socket.socket:
+    """A connected, non-blocking socket to a server address (TCP or Unix); waits in the greenlet.
+
+    With `config`, a TCP socket gets its tcp_* options (sockopts.tune) before connecting, as in
+    PgBouncer: tcp_user_timeout then also bounds the handshake, tcp_socket_buffer the window scale.
+    """
     path = addr.unix_path
     if path:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -35,6 +39,8 @@ def open_socket(addr: "HostAddr") -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        if config is not None and not path:
+            sockopts.tune(sock, config)
         err = sock.connect_ex(target)
         if err in (errno.EINPROGRESS, errno.EAGAIN):
             watcher = get_hub().loop.io(sock.fileno(), 2)
@@ -56,7 +62,7 @@ def open_socket(addr: "HostAddr") -> socket.socket:
 def connect(relay: "Relay", addr: "HostAddr") -> Stream:
     """A Stream to the server, TLS-wrapped as server_tls_sslmode asks (Unix sockets stay plain)."""
     try:
-        sock = open_socket(addr)
+        sock = open_socket(addr, relay.config)
     except OSError as exc:
         raise ServerError(f"could not connect to server {addr}: {exc.strerror or exc}") from None
     stream = Stream(sock)

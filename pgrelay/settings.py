@@ -173,6 +173,27 @@ CORE_SETTINGS: list[Setting] = [
     S("tcp_defer_accept", BOOL, "1", False,
       "TCP_DEFER_ACCEPT on the TCP listening sockets, 45 seconds as in PgBouncer: the kernel hands a connection "
       "to pgrelay only once the client has sent data (or the 45 s are over). Linux only; ignored elsewhere."),
+    # TCP options of every client and server TCP socket (never Unix sockets), set when the socket is
+    # opened: a reload applies to new connections.
+    S("tcp_keepalive", BOOL, "1", True,
+      "SO_KEEPALIVE on client and server TCP sockets (never Unix sockets), with the OS's probe timing unless "
+      "tcp_keepidle, tcp_keepintvl or tcp_keepcnt set it (Linux: 7200 s idle, 75 s apart, 9 probes); 0 turns "
+      "keepalive off. The tcp_* options are set as a socket opens, so a reload applies to new connections; "
+      "a value the kernel refuses is logged once and left unset."),
+    S("tcp_keepidle", INT, "0", True,
+      "TCP_KEEPIDLE: seconds a connection is idle before the first keepalive probe (Linux: at most 32767); "
+      "0: the OS default."),
+    S("tcp_keepintvl", INT, "0", True,
+      "TCP_KEEPINTVL: seconds between keepalive probes (Linux: at most 32767); 0: the OS default."),
+    S("tcp_keepcnt", INT, "0", True,
+      "TCP_KEEPCNT: unanswered keepalive probes after which the connection is dropped (Linux: at most 127); "
+      "0: the OS default."),
+    S("tcp_user_timeout", INT, "0", True,
+      "TCP_USER_TIMEOUT in milliseconds: how long sent data may stay unacknowledged before the connection "
+      "is dropped; 0: the OS default. Linux only."),
+    S("tcp_socket_buffer", INT, "0", True,
+      "SO_SNDBUF and SO_RCVBUF in bytes (Linux doubles the value and caps it at net.core.wmem_max/rmem_max); "
+      "0: the OS default, auto-tuned."),
     S("client_login_timeout", SECONDS, "60", True, "Disconnect a client that has not logged in within this time; 0 disables."),
     # Pooling
     S("pool_mode", POOL_MODE, "session", True,
@@ -181,13 +202,36 @@ CORE_SETTINGS: list[Setting] = [
     S("min_pool_size", INT, "0", True, "Keep at least this many server connections open per pool."),
     S("server_reset_query", STR, "DISCARD ALL", True, "Query run on a server released in session mode; empty disables."),
     S("server_reset_query_always", BOOL, "0", True, "Run server_reset_query in every pooling mode."),
+    S("server_check_query", STR, "select 1", True,
+      "Query a server idle longer than server_check_delay must pass before its next client; empty disables."),
+    S("server_check_delay", SECONDS, "30", True, "Idle time after which a server is checked before reuse."),
+    S("server_round_robin", BOOL, "0", True,
+      "Hand out idle servers oldest first (spreads load over hosts behind one address) instead of LIFO."),
     S("server_lifetime", SECONDS, "3600", True, "Close a server connection older than this when it is released; 0 disables."),
     S("server_idle_timeout", SECONDS, "600", True, "Close a server connection idle longer than this; 0 disables."),
     S("server_connect_timeout", SECONDS, "15", True, "Give up on a server connect plus login after this long."),
     S("server_login_retry", SECONDS, "15", True, "After a failed server login, wait this long before retrying; clients get the cached error."),
     S("query_wait_timeout", SECONDS, "120", True, "Disconnect a client that waited this long for a server; 0 disables."),
+    S("reserve_pool_size", INT, "0", True,
+      "Extra servers a pool may open once a client has waited reserve_pool_timeout; 0 disables."),
+    S("reserve_pool_timeout", SECONDS, "5", True, "How long a client waits before the reserve pool is used."),
+    # Caps shared by every pool of a database or user (ports, poolers, clusters, direct connections)
+    S("max_db_connections", INT, "0", True,
+      "Most server connections per database across all its pools; past it clients queue. 0: no limit."),
+    S("max_user_connections", INT, "0", True,
+      "Most server connections per server user across all its pools; past it clients queue. 0: no limit."),
+    S("max_db_client_connections", INT, "0", True, "Most client connections per database; 0: no limit."),
+    S("max_user_client_connections", INT, "0", True, "Most client connections per user; 0: no limit."),
     S("client_idle_timeout", SECONDS, "0", True, "Close a client connection idle (no server) longer than this; 0 disables."),
     S("idle_transaction_timeout", SECONDS, "0", True, "Disconnect a client idle in a transaction longer than this; 0 disables."),
+    S("query_timeout", SECONDS, "0", True, "Close the server and the client (\"query timeout\") once a query, or a transaction, "
+      "has gone this long since the client's last request; a queued client gets \"query_timeout\". 0 disables."),
+    S("transaction_timeout", SECONDS, "0", True,
+      "Close the server and the client (\"transaction timeout\") of a transaction open longer than this; 0 disables."),
+    S("query_wait_notify", SECONDS, "5", True,
+      "Send one NOTICE to a client queued longer than this for a server; 0 disables."),
+    S("pool_idle_timeout", SECONDS, "0", True,
+      "Free a pool that has had no clients and no servers for this long (its statistics go too); 0 disables."),
     S("cancel_wait_timeout", SECONDS, "10", True, "Give up forwarding a cancel request after this long."),
     S("server_drain_timeout", SECONDS, "30", True,
       "A client left (e.g. Query + Terminate) while its server still owed replies: the queries run and "
@@ -198,6 +242,9 @@ CORE_SETTINGS: list[Setting] = [
     S("track_extra_parameters", LIST, "IntervalStyle", False,
       "Server-reported parameters tracked per client and re-applied, beyond the built-in five."),
     S("application_name_add_host", BOOL, "0", True, "Append ' - host:port' of the client to its application_name."),
+    S("login_notify_message", STR, "", True,
+      "A NOTICE sent to every client right after AuthenticationOk at login, e.g. to tell users they reach "
+      "a pooler; empty: none."),
     # TLS
     S("client_tls_sslmode", TLS_MODE, "disable", True,
       "TLS towards clients: disable, allow/prefer (accept TLS), require (refuse plaintext), "
@@ -234,13 +281,6 @@ CORE_SETTINGS: list[Setting] = [
 PLANNED_SETTINGS: list[Setting] = [
     planned("unix_socket_group", STR, "", "Group of the Unix socket.", reload=False),
     planned("user", STR, "", "Unix user to switch to after startup.", reload=False),
-    planned("reserve_pool_size", INT, "0", "Extra server connections a pool may use when clients wait long."),
-    planned("reserve_pool_timeout", SECONDS, "5", "Wait after which the reserve pool is used."),
-    planned("max_db_connections", INT, "0", "Most server connections per database across users."),
-    planned("max_db_client_connections", INT, "0", "Most client connections per database."),
-    planned("max_user_connections", INT, "0", "Most server connections per user across databases."),
-    planned("max_user_client_connections", INT, "0", "Most client connections per user."),
-    planned("server_round_robin", BOOL, "0", "Reuse servers round robin instead of LIFO."),
     planned("peer_id", INT, "0", "Id of this process among peers."),
     planned("disable_pqexec", BOOL, "0", "Refuse the simple query protocol.", reload=False),
     planned("conffile", STR, "", "Shows the config file in use."),
@@ -254,32 +294,19 @@ PLANNED_SETTINGS: list[Setting] = [
     planned("syslog_facility", STR, "daemon", "Syslog facility."),
     planned("admin_users", LIST, "", "Users allowed on the admin console."),
     planned("stats_users", LIST, "", "Users allowed read-only SHOW commands on the admin console."),
-    planned("server_check_delay", SECONDS, "30", "Idle time after which a server is checked before reuse."),
-    planned("server_check_query", STR, "", "Query that checks a server before reuse."),
     planned("server_fast_close", BOOL, "0", "Close session-mode servers quickly on RECONNECT."),
     planned("autodb_idle_timeout", SECONDS, "3600", "Free unused pools of the * database after this."),
-    planned("pool_idle_timeout", SECONDS, "0", "Free a pool unused for this long."),
     planned("dns_max_ttl", SECONDS, "15", "DNS cache time."),
     planned("dns_nxdomain_ttl", SECONDS, "15", "DNS negative cache time."),
     planned("dns_zone_check_period", SECONDS, "0", "DNS zone serial check period."),
     planned("resolv_conf", STR, "", "Custom resolv.conf.", reload=False),
-    planned("query_wait_notify", SECONDS, "5", "Notice a queued client after this wait."),
-    planned("login_notify_message", STR, "", "Notice sent to clients at login."),
     planned("client_tls13_ciphers", STR, "", "TLS 1.3 suites towards clients."),
     planned("client_tls_ecdhcurve", STR, "auto", "ECDH curve towards clients."),
     planned("client_tls_dheparams", STR, "auto", "DHE parameters towards clients."),
     planned("server_tls13_ciphers", STR, "", "TLS 1.3 suites towards servers."),
-    planned("query_timeout", SECONDS, "0", "Disconnect queries running longer than this."),
-    planned("transaction_timeout", SECONDS, "0", "Disconnect transactions open longer than this."),
     planned("pkt_buf", INT, "4096", "Internal buffer size (pgrelay sizes its buffers itself).", reload=False),
     planned("sbuf_loopcnt", INT, "5", "Fairness loop count (pgrelay does not need it)."),
     planned("so_reuseport", BOOL, "0", "SO_REUSEPORT on the listening sockets.", reload=False),
-    planned("tcp_socket_buffer", INT, "0", "Socket buffer size."),
-    planned("tcp_keepalive", BOOL, "1", "TCP keepalive on sockets."),
-    planned("tcp_keepcnt", INT, "0", "TCP keepalive probe count."),
-    planned("tcp_keepidle", INT, "0", "TCP keepalive idle time."),
-    planned("tcp_keepintvl", INT, "0", "TCP keepalive probe interval."),
-    planned("tcp_user_timeout", INT, "0", "TCP_USER_TIMEOUT in milliseconds."),
 ]
 
 

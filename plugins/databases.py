@@ -9,7 +9,7 @@ from pgrelay import hookimpl
 from pgrelay.config import parse_options
 from pgrelay.errors import ConfigError
 from pgrelay.routing import Database, HostAddr
-from pgrelay.settings import INT, LIST, POOL_MODE, STR, Int, Setting, declare
+from pgrelay.settings import INT, LIST, POOL_MODE, SECONDS, STR, Int, Setting, declare
 
 # Keys of a [databases] line: declared data, like the [pgbouncer] settings.
 DATABASE_KEYS = [
@@ -30,27 +30,56 @@ DATABASE_KEYS = [
     Setting("replicas", LIST, "", True,
             "Replica servers as host or host:port, comma-separated; reached with the |replica suffix and "
             "by dedicated replica poolers.", section="databases"),
+    Setting("reserve_pool_size", INT, "", True, "reserve_pool_size for this database's pools (alias reserve_pool).",
+            section="databases"),
+    Setting("reserve_pool", INT, "", True, "Old name of reserve_pool_size.", section="databases"),
+    Setting("max_db_connections", INT, "", True,
+            "Most server connections to this database across all its pools (users, ports, poolers); 0: no limit.",
+            section="databases"),
+    Setting("max_db_client_connections", INT, "", True, "Most client connections to this database; 0: no limit.",
+            section="databases"),
+    Setting("server_lifetime", SECONDS, "", True, "server_lifetime for this database's servers.", section="databases"),
+    Setting("query_wait_timeout", SECONDS, "", True, "query_wait_timeout for this database's clients.",
+            section="databases"),
 ]
 CLUSTER_KEYS = [Setting(k.name, k.type, k.default, k.reload, k.doc, section="clusters")
                 for k in DATABASE_KEYS if k.name != "dbname"]
-PLANNED_DATABASE_KEYS = {"auth_user", "auth_query", "auth_dbname", "reserve_pool", "reserve_pool_size",
-                         "max_db_connections", "max_db_client_connections", "server_lifetime",
-                         "query_wait_timeout", "load_balance_hosts", "target_session_attrs"}
+PLANNED_DATABASE_KEYS = {"auth_user", "auth_query", "auth_dbname", "load_balance_hosts", "target_session_attrs"}
 USER_KEYS = [
     Setting("pool_mode", POOL_MODE, "", True, "Pool mode for this user's pools.", section="users"),
-    Setting("pool_size", Int(0), "", True, "Pool size for this user's pools.", section="users"),
+    Setting("pool_size", Int(0), "", True, "Pool size for this user's pools (wins over the database's).",
+            section="users"),
+    Setting("reserve_pool_size", Int(0), "", True, "reserve_pool_size for this user's pools.", section="users"),
+    Setting("max_user_connections", Int(0), "", True,
+            "Most server connections as this user across all pools (databases, ports, poolers); 0: no limit.",
+            section="users"),
+    Setting("max_user_client_connections", Int(0), "", True, "Most client connections of this user; 0: no limit.",
+            section="users"),
+    Setting("query_timeout", SECONDS, "", True, "query_timeout for this user.", section="users"),
+    Setting("query_wait_timeout", SECONDS, "", True, "query_wait_timeout for this user.", section="users"),
+    Setting("idle_transaction_timeout", SECONDS, "", True, "idle_transaction_timeout for this user.", section="users"),
+    Setting("transaction_timeout", SECONDS, "", True, "transaction_timeout for this user.", section="users"),
+    Setting("client_idle_timeout", SECONDS, "", True, "client_idle_timeout for this user.", section="users"),
 ]
-PLANNED_USER_KEYS = {"reserve_pool_size", "max_user_connections", "query_timeout", "query_wait_timeout",
-                     "idle_transaction_timeout", "transaction_timeout", "client_idle_timeout",
-                     "max_user_client_connections"}
+PLANNED_USER_KEYS: frozenset = frozenset()
 SERVER_PARAM_KEYS = {"client_encoding": "client_encoding", "datestyle": "DateStyle", "timezone": "TimeZone",
                      "application_name": "application_name"}
 
 
 @dataclass(frozen=True)
 class UserSettings:
+    """A [users] line; None means not set there."""
+
     pool_mode: str | None = None
     pool_size: int | None = None
+    reserve_pool_size: int | None = None
+    max_user_connections: int | None = None
+    max_user_client_connections: int | None = None
+    query_timeout: float | None = None
+    query_wait_timeout: float | None = None
+    idle_transaction_timeout: float | None = None
+    transaction_timeout: float | None = None
+    client_idle_timeout: float | None = None
 
 
 def default_socket_dir() -> str:
@@ -93,12 +122,17 @@ def parse_database(entry, warnings: list[str], cluster: bool = False) -> Databas
         pool_size=values.get("pool_size"), min_pool_size=values.get("min_pool_size"),
         pool_mode=values.get("pool_mode") or None, connect_query=values.get("connect_query", ""),
         server_params=server_params,
+        reserve_pool_size=values.get("reserve_pool_size", values.get("reserve_pool")),
+        max_db_connections=values.get("max_db_connections"),
+        max_db_client_connections=values.get("max_db_client_connections"),
+        server_lifetime=values.get("server_lifetime"), query_wait_timeout=values.get("query_wait_timeout"),
     )
 
 
 def parse_user(entry, warnings: list[str]) -> UserSettings:
     values = parse_options(entry, USER_KEYS, "users", "user", PLANNED_USER_KEYS, warnings, defaults=False)
-    return UserSettings(pool_mode=values.get("pool_mode") or None, pool_size=values.get("pool_size"))
+    values["pool_mode"] = values.get("pool_mode") or None
+    return UserSettings(**values)
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,49 @@ def se(name: str) -> str:
 
 TIMEOUTS = "tests/integration/test_client_timeouts.py"
 DEFER = "tests/integration/test_defer_accept.py"
+QT = "tests/integration/test_query_timeouts.py"
+
+
+def qt(name: str) -> str:
+    return f"{QT}::{name}"
+
+
+TCPOPTS = "tests/integration/test_tcp_options.py"
+
+LIMITS = "tests/integration/test_limits.py"
+
+
+def lim(name: str) -> str:
+    return f"{LIMITS}::{name}"
+
 
 ENFORCED_BY: dict[str, list[str]] = {
+    # -- caps shared across pools, client caps, the reserve pool (issue 8)
+    "max_db_connections": [lim("test_max_db_connections_is_shared_by_users_ports_and_poolers_and_clients_queue"),
+                           lim("test_thundering_herd_never_exceeds_max_db_connections")],
+    "max_user_connections": [lim("test_global_max_user_connections")],
+    "max_db_client_connections": [lim("test_client_caps_refuse_with_pgbouncers_error"),
+                                  lim("test_max_db_client_connections_elsewhere")],
+    "max_user_client_connections": [lim("test_client_caps_refuse_with_pgbouncers_error")],
+    "reserve_pool_size": [lim("test_reserve_pool_opens_after_reserve_pool_timeout_and_shrinks_back")],
+    "reserve_pool_timeout": [lim("test_reserve_pool_opens_after_reserve_pool_timeout_and_shrinks_back")],
+    "[databases] max_db_connections": [lim("test_database_line_cap_wins_over_the_global_one")],
+    "[databases] max_db_client_connections": [lim("test_client_caps_refuse_with_pgbouncers_error")],
+    "[databases] reserve_pool_size": [lim("test_reserve_pool_size_per_line")],
+    "[databases] reserve_pool": [lim("test_reserve_pool_size_per_line")],
+    "[clusters] max_db_connections": [lim("test_max_db_connections_on_a_cluster_line")],
+    "[clusters] max_db_client_connections": [lim("test_max_db_client_connections_elsewhere")],
+    "[clusters] reserve_pool_size": [lim("test_reserve_pool_size_per_line")],
+    "[clusters] reserve_pool": [lim("test_reserve_pool_size_per_line")],
+    "[users] max_user_connections": [lim("test_max_user_connections_spans_databases")],
+    "[users] max_user_client_connections": [lim("test_client_caps_refuse_with_pgbouncers_error")],
+    "[users] reserve_pool_size": [lim("test_reserve_pool_size_per_line")],
+    "server_round_robin": ["tests/integration/test_server_reuse.py::test_server_round_robin"],
+    "server_check_query": ["tests/integration/test_server_check.py::test_idle_server_is_checked_before_its_next_client",
+                           "tests/integration/test_server_check.py::test_failing_check_replaces_the_server_and_the_client_never_sees_it",
+                           "tests/integration/test_server_check.py::test_no_check_within_the_delay_or_when_disabled"],
+    "server_check_delay": ["tests/integration/test_server_check.py::test_idle_server_is_checked_before_its_next_client",
+                           "tests/integration/test_server_check.py::test_no_check_within_the_delay_or_when_disabled"],
     # -- client timeouts and limits
     "client_idle_timeout": [f"{TIMEOUTS}::test_client_idle_timeout_closes_an_idle_client",
                             f"{TIMEOUTS}::test_client_idle_timeout_off_keeps_idle_clients"],
@@ -53,9 +94,43 @@ ENFORCED_BY: dict[str, list[str]] = {
                                  f"{TIMEOUTS}::test_idle_transaction_timeout_off_by_default"],
     "server_drain_timeout": [f"{TIMEOUTS}::test_server_drain_timeout_closes_a_server_that_takes_too_long",
                              f"{TIMEOUTS}::test_drained_server_is_reused_once_its_replies_are_in"],
+    # -- query and transaction timeouts, the queue notice, unused pools; per-user and per-database values
+    "query_timeout": [qt("test_query_timeout_closes_a_long_query_and_spares_fast_work"),
+                      qt("test_queued_client_past_query_timeout_and_user_value_beating_the_global")],
+    "transaction_timeout": [qt("test_transaction_timeout_closes_a_long_transaction_and_spares_short_ones")],
+    "query_wait_notify": [qt("test_query_wait_notify_reaches_a_queued_client_once"),
+                          qt("test_query_wait_timeout_of_the_database_the_cluster_and_the_user")],
+    "pool_idle_timeout": [qt("test_pool_idle_timeout_frees_a_pool_without_clients_or_servers")],
+    "[users] query_timeout": [qt("test_user_values_apply_with_the_global_timeouts_off"),
+                              qt("test_queued_client_past_query_timeout_and_user_value_beating_the_global")],
+    "[users] transaction_timeout": [qt("test_user_values_apply_with_the_global_timeouts_off")],
+    "[users] idle_transaction_timeout": [qt("test_user_values_apply_with_the_global_timeouts_off")],
+    "[users] client_idle_timeout": [qt("test_user_values_apply_with_the_global_timeouts_off")],
+    "[users] query_wait_timeout": [qt("test_query_wait_timeout_of_the_database_the_cluster_and_the_user")],
+    "[databases] query_wait_timeout": [qt("test_query_wait_timeout_of_the_database_the_cluster_and_the_user")],
+    "[clusters] query_wait_timeout": [qt("test_query_wait_timeout_of_the_database_the_cluster_and_the_user")],
+    "[databases] server_lifetime": [qt("test_server_lifetime_of_the_database_and_the_cluster")],
+    "[clusters] server_lifetime": [qt("test_server_lifetime_of_the_database_and_the_cluster")],
     "tcp_defer_accept": [f"{DEFER}::test_silent_sockets_do_not_lock_out_a_real_client",
                          "tests/unit/test_defer_accept.py::test_set_on_tcp_listeners_when_on",
                          "tests/unit/test_defer_accept.py::test_not_set_when_off"],
+    # -- TCP options of client and server sockets, the login notice (issue 8)
+    "tcp_keepalive": [f"{TCPOPTS}::test_tcp_keepalive_is_on_by_default_with_the_os_timing",
+                      f"{TCPOPTS}::test_tcp_keepalive_off_also_ignores_the_timing_settings"],
+    "tcp_keepidle": [f"{TCPOPTS}::test_keepalive_timing_user_timeout_and_buffers_on_both_sides",
+                     f"{TCPOPTS}::test_each_timing_setting_alone",
+                     f"{TCPOPTS}::test_reload_applies_to_new_connections_only"],
+    "tcp_keepintvl": [f"{TCPOPTS}::test_keepalive_timing_user_timeout_and_buffers_on_both_sides",
+                      f"{TCPOPTS}::test_each_timing_setting_alone"],
+    "tcp_keepcnt": [f"{TCPOPTS}::test_keepalive_timing_user_timeout_and_buffers_on_both_sides",
+                    f"{TCPOPTS}::test_each_timing_setting_alone"],
+    "tcp_user_timeout": [f"{TCPOPTS}::test_keepalive_timing_user_timeout_and_buffers_on_both_sides",
+                         f"{TCPOPTS}::test_each_timing_setting_alone",
+                         f"{TCPOPTS}::test_reload_applies_to_new_connections_only"],
+    "tcp_socket_buffer": [f"{TCPOPTS}::test_keepalive_timing_user_timeout_and_buffers_on_both_sides"],
+    "login_notify_message": [f"{TCPOPTS}::test_login_notify_message_follows_authentication_ok",
+                             f"{TCPOPTS}::test_psql_and_psycopg2_show_the_login_notice",
+                             f"{TCPOPTS}::test_reload_changes_the_login_notice_for_new_logins"],
     "max_client_conn": [f"{DEFER}::test_max_client_conn_counts_clients_that_sent_a_startup_message",
                         "tests/integration/test_bad_input.py::test_max_client_conn"],
     "[poolers] max_client_conn": [f"{POOLERS}::test_pooler_max_client_conn_is_its_own"],

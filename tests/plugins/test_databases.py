@@ -121,7 +121,9 @@ def test_pool_size_and_mode_per_database(tmp_path):
     route = relay.route_client(login("big"))
     assert (route.pool_size, route.pool_mode, route.min_pool_size) == (50, "session", 3)
     route = relay.route_client(login("small"))
-    assert (route.pool_size, route.pool_mode, route.min_pool_size) == (7, "transaction", 0)
+    # No pool_size on the line or the user: default_pool_size, read when the pool is sized (reloads apply).
+    assert (route.pool_size, route.pool_mode, route.min_pool_size) == (None, "transaction", 0)
+    assert relay.get_pool(route).size == 7
 
 
 def test_server_params_and_connect_query(tmp_path):
@@ -155,9 +157,9 @@ def test_database_defined_twice(tmp_path):
 
 
 def test_planned_database_option_warns(tmp_path, warnings_logged):
-    relay, path = make_relay(tmp_path, "a = host=h max_db_connections=5 pool_size=4\n")
+    relay, path = make_relay(tmp_path, "a = host=h load_balance_hosts=disable pool_size=4\n")
     assert warnings_logged() == [
-        f"{path}:2: database option 'max_db_connections' is not implemented by pgrelay yet and is ignored"]
+        f"{path}:2: database option 'load_balance_hosts' is not implemented by pgrelay yet and is ignored"]
     db = relay.find_database("a")
     assert (db.hosts, db.pool_size) == ((HostAddr("h", 5432),), 4)
 
@@ -177,9 +179,11 @@ def test_users_errors_and_planned(tmp_path, warnings_logged):
     with pytest.raises(ConfigError, match=r"relay\.ini:7: pool_mode: invalid value 'always'"):
         make_relay(tmp_path, "a = host=h\n", users="bob = pool_mode=always\n")
     relay, path = make_relay(tmp_path, "a = host=h\n", users="bob = max_user_connections=2 pool_mode=statement\n")
-    assert warnings_logged() == [
-        f"{path}:7: user option 'max_user_connections' is not implemented by pgrelay yet and is ignored"]
-    assert relay.route_client(login("a", user="bob")).pool_mode == "statement"
+    assert warnings_logged() == []  # every [users] key of PgBouncer 1.26 is implemented
+    route = relay.route_client(login("a", user="bob"))
+    assert route.pool_mode == "statement"
+    assert [(limit.key, limit.maximum) for limit in route.server_limits] == [
+        (("max_user_connections", "bob", "primary"), 2)]
 
 
 def test_route_is_a_route(tmp_path):
@@ -187,5 +191,5 @@ def test_route_is_a_route(tmp_path):
     route = relay.route_client(login("a"))
     assert isinstance(route, Route)
     assert route == Route(pool_key=("local", "a", "alice", None, "primary", "transaction"), name="a/alice", hosts=(HostAddr("h", 5432),), dbname="a",
-                          server_user="alice", server_password=None, pool_mode="transaction", pool_size=20,
+                          server_user="alice", server_password=None, pool_mode="transaction", pool_size=None,
                           min_pool_size=0, connect_query="", server_params=(), reuse=True)

@@ -32,15 +32,16 @@ def relay(tmp_path_factory):
     ("plain", "someone", "transaction", 7),   # global pool_mode, default_pool_size
     ("dbmode", "someone", "statement", 11),   # database beats global
     ("plain", "umode", "session", 5),         # user beats global
-    ("dbmode", "umode", "session", 11),       # pool_mode: user beats database; pool_size: database beats user
-    ("dbzero", "umode", "session", 0),        # pool_size=0 (unlimited) on the database is a value, not "unset"
+    ("dbmode", "umode", "session", 5),        # the user beats the database, as in PgBouncer (pool_size too)
+    ("dbzero", "someone", "transaction", 0),  # pool_size=0 (unlimited) on the database is a value, not "unset"
     ("plain", "uzero", "transaction", 0),     # ... and on the user
 ])
 def test_precedence(relay, database, user, mode, size):
     for decide in (relay.route_client, lambda lg: local_pooler.pgrelay_route_client(relay=relay, login=lg)):
         route = decide(login(database, user))
         assert isinstance(route, Route)
-        assert (route.pool_mode, route.pool_size) == (mode, size)
+        size_now = relay.config.default_pool_size if route.pool_size is None else route.pool_size
+        assert (route.pool_mode, size_now) == (mode, size)
         assert route.min_pool_size == 2
 
 

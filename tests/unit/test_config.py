@@ -199,23 +199,23 @@ def test_missing_file(tmp_path):
 
 
 def test_planned_key_loads_with_warning(tmp_path):
-    path = write(tmp_path / "p.ini", "[pgbouncer]\nlisten_port = 7000\nserver_check_delay = 10\n")
+    path = write(tmp_path / "p.ini", "[pgbouncer]\nlisten_port = 7000\nautodb_idle_timeout = 10\n")
     config = load_config(core_registry(), path, [], {})
     assert config.listen_port == 7000
     assert config.warnings == (
-        f"{path}:3: setting 'server_check_delay' is not implemented by pgrelay yet and is ignored",)
+        f"{path}:3: setting 'autodb_idle_timeout' is not implemented by pgrelay yet and is ignored",)
 
 
 def test_planned_key_bad_value_still_fails(tmp_path):
-    path = write(tmp_path / "p.ini", "[pgbouncer]\nserver_check_delay = never\n")
-    with pytest.raises(ConfigError, match=rf"^{path}:2: server_check_delay: invalid duration 'never'$"):
+    path = write(tmp_path / "p.ini", "[pgbouncer]\nautodb_idle_timeout = never\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: autodb_idle_timeout: invalid duration 'never'$"):
         load_config(core_registry(), path, [], {})
 
 
 def test_planned_key_from_env_warns():
-    config = load_config(core_registry(), None, [], {"PGRELAY_SERVER_ROUND_ROBIN": "1"})
+    config = load_config(core_registry(), None, [], {"PGRELAY_SERVER_FAST_CLOSE": "1"})
     assert config.warnings == (
-        "PGRELAY_SERVER_ROUND_ROBIN: setting 'server_round_robin' is not implemented by pgrelay yet and is ignored",)
+        "PGRELAY_SERVER_FAST_CLOSE: setting 'server_fast_close' is not implemented by pgrelay yet and is ignored",)
 
 
 def test_unknown_section_fails(tmp_path):
