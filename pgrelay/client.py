@@ -127,10 +127,10 @@ class ClientConnection(Peer):
                 decision = relay.route_client(login)
                 if isinstance(decision, Reject):
                     raise RejectError(decision)
+                self.route = decision  # before admit: a refusal's hint may name the route
                 refusal = relay.admit(self, decision)
                 if refusal is not None:
                     raise RejectError(refusal)
-                self.route = decision
                 self.pool = relay.get_pool(decision, self)
                 welcome = self.pool.wait_welcome()
                 self._welcome(welcome)
@@ -543,6 +543,7 @@ class ClientConnection(Peer):
         """Answer `count` outstanding queries with an ERROR each and ReadyForQuery, staying connected."""
         if self.relay.config.log_pooler_errors:
             log.warning("%s pooler error: %s", self.label, error.message)
+        error = self.relay.translate_error(RejectError(error), "relay", self)
         self.write((error.encode() + protocol.READY_IDLE) * max(count, 1))
 
     # -- leaving -------------------------------------------------------------------------------
@@ -556,7 +557,7 @@ class ClientConnection(Peer):
         if error is not None:
             if relay.config.log_pooler_errors and error.sqlstate != QUERY_CANCELED:
                 log.warning("%s pooler error: %s", self.label, error.message)
-            data = error.encode()
+            data = relay.translate_error(RejectError(error), "disconnect", self).encode()
             if self.out is not None:
                 self.out += data
                 try:

@@ -196,14 +196,19 @@ def pgrelay_check_client_limits(relay: "Relay", login: "Login") -> "Reject | Non
 @hookspec(firstresult=True)
 def pgrelay_translate_error(relay: "Relay", error: BaseException, phase: str,
                             client: "ClientConnection | None") -> "Reject | None":
-    """Turn a fault into what the client is told.
+    """Turn a fault, or one of pgrelay's own refusals, into what the client is told.
 
-    :param phase: ``"login"`` or ``"relay"``.
+    :param error: an exception; ``RejectError`` carries a refusal pgrelay decided (``error.decision``:
+        a limit, a timeout, a lost server), to be rendered.
+    :param phase: ``"login"``, ``"relay"`` or ``"disconnect"``.
     :returns: the Reject to send, or None to let the next plugin decide. The built-in default
-        maps pgrelay's exception classes to their SQLSTATEs and anything else to XX000, without
-        exposing internals.
+        renders refusals from its message table (PgBouncer's text, a PostgreSQL SQLSTATE, a HINT
+        with the numbers that matter; plugins/errors.py ``MESSAGES``), maps pgrelay's exception
+        classes to their SQLSTATEs and anything else to XX000, without exposing internals.
+        A plugin overrides any entry by returning its own Reject for that message.
 
-    Called from: ``Relay.translate_error``, whenever a client is disconnected because of a fault.
+    Called from: ``Relay.translate_error``, whenever pgrelay sends a client an error of its own:
+    a disconnect with an error, or the ERRORs of queries it fails.
     """
 
 

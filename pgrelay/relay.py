@@ -436,15 +436,15 @@ class Relay:
         return self.hook.pgrelay_check_client_limits(relay=self, login=login)
 
     def translate_error(self, error: BaseException, phase: str, client) -> Reject:
-        if isinstance(error, RejectError):
-            return error.decision
+        """What the client is told: a fault, or (RejectError) one of pgrelay's own refusals, which the
+        built-in errors plugin renders with its SQLSTATE and HINT from its message table."""
         try:
             decision = self.hook.pgrelay_translate_error(relay=self, error=error, phase=phase, client=client)
         except Exception:
             log.exception("pgrelay_translate_error failed")
             decision = None
         if decision is None:
-            if isinstance(error, PgRelayError):
+            if isinstance(error, PgRelayError):  # RejectError included: the decision as it is
                 return error.reject()
             return Reject("internal error", INTERNAL_ERROR)
         return decision

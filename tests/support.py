@@ -12,6 +12,16 @@ import time
 
 from pgrelay.tempdb import free_port
 
+# The SQLSTATE of each of pgrelay's own refusals, as issue 8 asks (PgBouncer sends 08P01 for all).
+POOLER_SQLSTATE = {
+    "no more connections allowed (max_client_conn)": "53300",
+    "client connections exceeded (max_db_client_connections)": "53300",
+    "client connections exceeded (max_user_client_connections)": "53300",
+    "query_wait_timeout": "57014", "query_timeout": "57014", "query timeout": "57014",
+    "transaction timeout": "25P04", "idle transaction timeout": "25P03", "client_idle_timeout": "57P05",
+    "server conn crashed?": "08006",
+}
+
 # Log lines that mean pgrelay hit a bug; every relay's log is checked for them at teardown.
 BUG_MARKERS = ("Traceback (most recent call last)", "internal error", "janitor failed")
 

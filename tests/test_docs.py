@@ -71,3 +71,15 @@ def test_sentry_is_not_claimed_before_pgrelay_uses_it():
     if not used:
         assert "sentry" not in readme().lower()
         assert not [s.name for s in docs.full_registry() if "sentry" in s.name.lower()]
+
+
+def test_every_refusal_of_the_message_table_is_in_the_readme_with_its_sqlstate():
+    from pgrelay_plugins.errors import MESSAGES
+    lines = readme().splitlines()
+    for message, entry in MESSAGES.items():
+        shown = "``remaining connection slots are reserved ...``" if message.startswith("remaining connection") \
+            else f"``{message}``"
+        rows = [i for i, line in enumerate(lines) if line.startswith(shown)]
+        assert rows, message
+        # the SQLSTATE is on the row's line, or on the line above for a two-line message cell
+        assert any(f"``{entry.sqlstate}``" in lines[i] or f"``{entry.sqlstate}``" in lines[i - 1] for i in rows), message

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ..support import RawClient, connect, query_message, scalar, wait_until
+from ..support import POOLER_SQLSTATE, RawClient, connect, query_message, scalar, wait_until
 
 TERMINATE = b"X\x00\x00\x00\x04"
 
@@ -21,12 +21,13 @@ def lock_is_free(pg, table: str) -> bool:
 
 
 def assert_closed_with(raw: RawClient, message: str, since: float, timeout: float) -> None:
-    """The next thing `raw` gets is FATAL 08P01 `message`, between `timeout` and one janitor
+    """The next thing `raw` gets is FATAL `message` (its SQLSTATE: POOLER_SQLSTATE) and a hint, between `timeout` and one janitor
     period (plus slack) after `since`, and then the close."""
     raw.sock.settimeout(5)
     error = raw.read_error()
     waited = time.monotonic() - since
-    assert (error["S"], error["C"], error["M"]) == ("FATAL", "08P01", message)
+    assert (error["S"], error["C"], error["M"]) == ("FATAL", POOLER_SQLSTATE[message], message)
+    assert error.get("H"), error
     assert timeout <= waited < timeout + 1.5, waited
     assert raw.closed()
 

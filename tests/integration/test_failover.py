@@ -335,7 +335,7 @@ def read_errors_to_eof(raw: RawClient) -> list[tuple[str, str, str]]:
 
 
 ADMIN_SHUTDOWN = ("FATAL", "57P01", "terminating connection due to administrator command")
-CRASHED = ("FATAL", "08P01", "server conn crashed?")
+CRASHED = ("FATAL", "08006", "server conn crashed?")
 
 
 def test_idle_in_transaction_client_is_disconnected(make_relay, pair):

@@ -10,7 +10,7 @@ import time
 import psycopg2
 import pytest
 
-from ..support import RawClient, connect, scalar, startup_packet, wait_until
+from ..support import RawClient, connect, query_message, scalar, startup_packet, wait_until
 from .test_settings_enforced import ensure_role
 
 
@@ -318,3 +318,41 @@ def test_global_max_user_connections(make_relay, pg):
     held = holders(relay, 1, user="lim_gu", dbname="e1")
     assert_queued_until_released(relay, pg, held[0], ("lim_gu",), 1, user="lim_gu", dbname="e2")
     held[0].close()
+
+
+def test_query_wait_timeout_says_what_to_change(make_relay, pg):
+    ensure_role(pg, "lim_h")
+    relay = make_relay({"pool_mode": "transaction", "default_pool_size": "1", "query_wait_timeout": "1"})
+    held = holders(relay, 1, user="lim_h")
+    raw = RawClient(relay.port)
+    raw.login(user="lim_h")
+    raw.send(query_message("select 1"))
+    raw.sock.settimeout(5)
+    error = raw.read_error()
+    assert (error["S"], error["C"], error["M"]) == ("FATAL", "57014", "query_wait_timeout")
+    assert "postgres/lim_h: 1 of 1 servers open, 1 busy, 1 clients waiting" in error["H"], error["H"]
+    assert "default_pool_size" in error["H"] and "max_db_connections" in error["H"]
+    held[0].close()
+
+
+def test_postgresql_max_connections_full_gets_a_hint(make_relay, tmp_path):
+    """PostgreSQL's own 'sorry, too many clients already' during a server login reaches the client
+    with its SQLSTATE and a hint that pgrelay holds the connections and `pgrelay check` sizes them."""
+    from pgrelay.tempdb import TempPostgres
+
+    small = TempPostgres(settings={"max_connections": "4", "superuser_reserved_connections": "1"}).start()
+    try:
+        ensure_role(small, "lim_full")
+        relay = make_relay({"pool_mode": "transaction", "default_pool_size": "10", "server_login_retry": "1"},
+                           databases={"*": f"host=127.0.0.1 port={small.port}"})
+        held = holders(relay, 3, user="lim_full")  # every non-reserved slot
+        extra = connect(relay, user="lim_full")
+        with pytest.raises(psycopg2.Error) as exc:
+            scalar(extra, "select 1")
+        assert exc.value.pgcode == "53300", exc.value.pgerror
+        assert "pgrelay holds 3 server connections to this host" in exc.value.pgerror
+        assert "pgrelay check" in exc.value.pgerror
+        for conn in held + [extra]:
+            conn.close()
+    finally:
+        small.cleanup()

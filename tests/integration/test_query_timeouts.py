@@ -2,7 +2,7 @@
 [databases] (and [clusters]) values of every timeout winning over the global ones.
 
 As in PgBouncer 1.26, a timeout on a linked server closes the server and then the client, with
-FATAL 08P01 and PgBouncer's text; a queued client just goes. Timing: pgrelay's janitor looks every
+FATAL with PgBouncer's text, the SQLSTATE of POOLER_SQLSTATE and a hint; a queued client just goes. Timing: pgrelay's janitor looks every
 0.5 s, so a timeout fires no earlier than its time and within about one period after it.
 """
 
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ..support import RawClient, connect, error_fields, query_message, scalar, wait_until
+from ..support import POOLER_SQLSTATE, RawClient, connect, error_fields, query_message, scalar, wait_until
 from .test_settings_enforced import ensure_role
 
 QUEUED = "No server connection available in postgres backend, client being queued"
@@ -56,10 +56,12 @@ class Watch:
             self.failure = exc
 
     def assert_fatal(self, message: str, since: float, timeout: float) -> None:
-        """FATAL 08P01 `message`, `timeout` to one janitor period (plus slack) after `since`, then the close."""
+        """FATAL `message` with its SQLSTATE (POOLER_SQLSTATE) and a hint, `timeout` to one janitor period (plus slack) after `since`, then the close."""
         self.thread.join(timeout + 8)
         assert self.fields is not None, f"no error ({self.failure!r})"
-        assert (self.fields["S"], self.fields["C"], self.fields["M"]) == ("FATAL", "08P01", message), self.fields
+        assert (self.fields["S"], self.fields["C"], self.fields["M"]) == ("FATAL", POOLER_SQLSTATE[message], message), \
+            self.fields
+        assert self.fields.get("H"), f"no hint with {message!r}"
         waited = self.at - since
         assert timeout <= waited < timeout + 1.5, (message, waited)
         assert self.raw.closed()

@@ -1,6 +1,7 @@
 """plugins/errors.py: faults translated to what the client is told, without leaking internals."""
 
 import logging
+import textwrap
 
 import pytest
 
@@ -98,3 +99,53 @@ def test_third_party_translation_wins(tmp_path):
     assert relay.translate_error(ProtocolViolation("bad"), "relay", None) == Reject("bad", "08P01")
     # A RejectError is the core's own decision: plugins are not asked.
     assert relay.translate_error(RejectError(Reject("no", "28000")), "login", None) == Reject("no", "28000")
+
+
+# -- pgrelay's own refusals: the message table ---------------------------------------------------
+
+def test_every_refusal_in_the_table_has_the_sqlstate_issue_8_asks_for():
+    from ..support import POOLER_SQLSTATE
+    for message, sqlstate in POOLER_SQLSTATE.items():
+        assert errors_plugin.MESSAGES[message].sqlstate == sqlstate, message
+    assert errors_plugin.MESSAGES["sorry, too many clients already"].sqlstate == "53300"
+
+
+def test_table_entries_are_rendered_with_sqlstate_and_a_hint_with_numbers(tmp_path):
+    relay = make_relay(tmp_path, "max_client_conn = 7\n")
+    decision = relay.translate_error(RejectError(Reject("no more connections allowed (max_client_conn)")),
+                                     "login", None)
+    assert (decision.severity, decision.sqlstate) == ("FATAL", "53300")
+    assert decision.hint == ("max_client_conn is 7 and 0 clients are connected: raise max_client_conn, "
+                             "or have the application open fewer connections.")
+    # Not in the table: unchanged; already hinted: unchanged.
+    other = Reject("something else", "08P01")
+    assert relay.translate_error(RejectError(other), "login", None) == other
+    hinted = Reject("query_wait_timeout", "08P01", hint="mine")
+    assert relay.translate_error(RejectError(hinted), "disconnect", None) == hinted
+
+
+def test_every_table_hint_formats_with_the_facts(tmp_path):
+    relay = make_relay(tmp_path)
+    for message in errors_plugin.MESSAGES:
+        rendered = relay.translate_error(RejectError(Reject(message)), "disconnect", None)
+        assert rendered.hint and "{" not in rendered.hint, message
+
+
+def test_a_plugin_overrides_a_table_entry(tmp_path):
+    plugin = tmp_path / "my_errors.py"
+    plugin.write_text(textwrap.dedent("""
+        from pgrelay import Reject, hookimpl
+        from pgrelay.errors import RejectError
+
+        @hookimpl
+        def pgrelay_translate_error(relay, error, phase, client):
+            if isinstance(error, RejectError) and error.decision.message == "query_wait_timeout":
+                return Reject("all servers are busy, try again", "53400", hint="call us")
+            return None
+    """))
+    relay = make_relay(tmp_path, f"plugins = {plugin}\n")
+    assert relay.translate_error(RejectError(Reject("query_wait_timeout")), "disconnect", None) == \
+        Reject("all servers are busy, try again", "53400", hint="call us")
+    # The other entries still come from the table.
+    assert relay.translate_error(RejectError(Reject("idle transaction timeout")), "disconnect", None).sqlstate == "25P03"
+
