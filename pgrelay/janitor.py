@@ -53,6 +53,7 @@ class Janitor:
         self.sweeping = False                   # whether the last tick swept the clients
         self.notified: set[int] = set()         # clients sent the query_wait_notify NOTICE
         self.empty_since: dict[Pool, float] = {}  # pools without clients or servers (pool_idle_timeout)
+        self.unused_since: dict[Pool, float] = {}  # * pools without clients (autodb_idle_timeout)
 
     def start(self) -> None:
         self.greenlet = gevent.spawn(self._run)
@@ -104,6 +105,7 @@ class Janitor:
             pool.launch_if_needed()  # also opens reserve servers once clients waited reserve_pool_timeout
         relay.trim_groups()
         self._free_unused_pools(now)
+        self._free_unused_autodb_pools(now)
         if config.stats_period and now - self.last_stats >= config.stats_period:
             elapsed = now - self.last_stats
             self.last_stats = now
@@ -215,6 +217,36 @@ class Janitor:
                 client.write(QUEUED_NOTICE)
 
     # -- pools nobody uses ----------------------------------------------------------------------------
+
+    def _free_unused_autodb_pools(self, now: float) -> None:
+        """autodb_idle_timeout: a pool of a database made from the * fallback that no client has used
+        for that long is freed with its idle servers, as PgBouncer drops such a database."""
+        relay = self.relay
+        timeout = relay.config.autodb_idle_timeout
+        if not timeout:
+            self.unused_since = {}
+            return
+        unused, expired = {}, []
+        for pool in relay.pools.values():
+            if not pool.route.auto or pool.nclients or pool.waiting or pool.per_client \
+                    or len(pool.idle) + len(pool.used) != len(pool.servers):
+                continue
+            since = unused[pool] = self.unused_since.get(pool, now)
+            if now - since > timeout:
+                expired.append(pool)
+        self.unused_since = unused
+        held = {id(client.pool) for client in relay.clients.values()} if expired else set()
+        for pool in expired:
+            if id(pool) in held or relay.pools.get(pool.key) is not pool:
+                continue
+            for server in pool.used + pool.idle:
+                server.close("autodb_idle_timeout")
+            del relay.pools[pool.key]
+            self.last_totals.pop(pool.name, None)
+            for limit in pool.route.server_limits:
+                relay.server_groups.get(limit.key, set()).discard(pool)
+            log.info("dropping database '%s' as it does not exist anymore or inactive auto-database",
+                     pool.route.dbname)
 
     def _free_unused_pools(self, now: float) -> None:
         """pool_idle_timeout: a pool with no clients and no servers for that long is forgotten (its

@@ -82,6 +82,7 @@ class Database:
     max_db_client_connections: int | None = None
     server_lifetime: float | None = None
     query_wait_timeout: float | None = None
+    auto: bool = False  # made from the * fallback for a database name without a line (autodb_idle_timeout)
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,4 @@ class Route:
     idle_transaction_timeout: float | None = None
     client_idle_timeout: float | None = None
     server_lifetime: float | None = None
+    auto: bool = False  # its database came from the * fallback: freed after autodb_idle_timeout unused

@@ -192,5 +192,5 @@ def pgrelay_find_database(relay, name, cluster):
         return db
     fallback = table.get("*")
     if fallback is not None:
-        return replace(fallback, name=name, dbname=fallback.dbname or name)
+        return replace(fallback, name=name, dbname=fallback.dbname or name, auto=True)
     return None

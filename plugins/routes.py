@@ -91,7 +91,7 @@ def build(relay, login, db: Database, prefix: str, target: str = PRIMARY, **over
         transaction_timeout=login_user.transaction_timeout,
         idle_transaction_timeout=login_user.idle_transaction_timeout,
         client_idle_timeout=login_user.client_idle_timeout,
-        server_lifetime=db.server_lifetime,
+        server_lifetime=db.server_lifetime, auto=db.auto,
     )
     # The caller's own limits (a port's or a pooler's) come on top of the shared ones.
     client_limits += tuple(overrides.pop("client_limits", ()))

@@ -82,6 +82,8 @@ ENFORCED_BY: dict[str, list[str]] = {
     "[users] max_user_client_connections": [lim("test_client_caps_refuse_with_pgbouncers_error")],
     "[users] reserve_pool_size": [lim("test_reserve_pool_size_per_line")],
     "server_round_robin": ["tests/integration/test_server_reuse.py::test_server_round_robin"],
+    "autodb_idle_timeout": ["tests/integration/test_server_reuse.py::test_autodb_idle_timeout_frees_pools_of_star_databases",
+                            "tests/integration/test_server_reuse.py::test_autodb_idle_timeout_off_keeps_them"],
     "server_check_query": ["tests/integration/test_server_check.py::test_idle_server_is_checked_before_its_next_client",
                            "tests/integration/test_server_check.py::test_failing_check_replaces_the_server_and_the_client_never_sees_it",
                            "tests/integration/test_server_check.py::test_no_check_within_the_delay_or_when_disabled"],

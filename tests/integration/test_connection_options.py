@@ -199,6 +199,8 @@ def test_max_direct_connections(relays, replicated):
             assert one(c, "SELECT 1") == (1,)
         fields = refusal(port, "postgres")
         assert (fields["S"], fields["C"], fields["M"]) == ("FATAL", "53300", "sorry, too many clients already")
+        assert fields["H"] == ("This port gives each client a server connection of its own: use the pooled "
+                               "port, or raise max_direct_connections."), fields
         # the pooled port is not capped by max_direct_connections
         assert_serving(relay.port)
         held.pop(0).close()

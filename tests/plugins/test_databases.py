@@ -85,8 +85,10 @@ def test_dbname_defaults_to_entry_name(tmp_path):
 def test_star_fallback(tmp_path):
     relay, _ = make_relay(tmp_path, "named = host=h1 dbname=other\n* = host=h2 port=6543\n")
     db = relay.find_database("anything_at_all")
-    assert db == Database(name="anything_at_all", hosts=(HostAddr("h2", 6543),), dbname="anything_at_all")
+    assert db == Database(name="anything_at_all", hosts=(HostAddr("h2", 6543),), dbname="anything_at_all",
+                          auto=True)  # made from *: autodb_idle_timeout frees its pools
     assert relay.find_database("named").dbname == "other"  # an explicit entry wins over *
+    assert relay.find_database("named").auto is False
     route = relay.route_client(login("some_db", user="bob"))
     assert (route.dbname, route.server_user, route.hosts, route.pool_key) == (
         "some_db", "bob", (HostAddr("h2", 6543),), ("local", "some_db", "bob", None, "primary", "transaction"))

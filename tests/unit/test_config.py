@@ -199,16 +199,16 @@ def test_missing_file(tmp_path):
 
 
 def test_planned_key_loads_with_warning(tmp_path):
-    path = write(tmp_path / "p.ini", "[pgbouncer]\nlisten_port = 7000\nautodb_idle_timeout = 10\n")
+    path = write(tmp_path / "p.ini", "[pgbouncer]\nlisten_port = 7000\ndns_max_ttl = 10\n")
     config = load_config(core_registry(), path, [], {})
     assert config.listen_port == 7000
     assert config.warnings == (
-        f"{path}:3: setting 'autodb_idle_timeout' is not implemented by pgrelay yet and is ignored",)
+        f"{path}:3: setting 'dns_max_ttl' is not implemented by pgrelay yet and is ignored",)
 
 
 def test_planned_key_bad_value_still_fails(tmp_path):
-    path = write(tmp_path / "p.ini", "[pgbouncer]\nautodb_idle_timeout = never\n")
-    with pytest.raises(ConfigError, match=rf"^{path}:2: autodb_idle_timeout: invalid duration 'never'$"):
+    path = write(tmp_path / "p.ini", "[pgbouncer]\ndns_max_ttl = never\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: dns_max_ttl: invalid duration 'never'$"):
         load_config(core_registry(), path, [], {})
 
 
