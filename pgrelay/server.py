@@ -170,7 +170,8 @@ class ServerConnection(Peer):
             elif self.state == SV_DRAIN:
                 self._drain(data)
             else:
-                self.close("idle server got data" if self.state in UNLINKED_SPARE else "server sent data while unlinked")
+                self.close("idle server got data" if self.state in UNLINKED_SPARE
+                           else "server sent data while unlinked")
         except ProtocolViolation as exc:
             self.lost(f"server protocol violation: {exc}")
         except Exception:

@@ -156,6 +156,15 @@ def connect(relay: RelayProcess, **kw):
     return conn
 
 
+def assert_served(relay: RelayProcess, **kw) -> None:
+    """A new client of `relay` (connect() keywords) is served normally."""
+    conn = connect(relay, **kw)
+    try:
+        assert scalar(conn, "SELECT 'served'") == "served"
+    finally:
+        conn.close()
+
+
 def row(conn, sql: str, args=None):
     with conn.cursor() as cur:
         cur.execute(sql, args)

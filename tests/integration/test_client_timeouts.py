@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ..support import POOLER_SQLSTATE, RawClient, connect, query_message, scalar, wait_until
+from ..support import POOLER_SQLSTATE, RawClient, assert_served, connect, query_message, scalar, wait_until
 
 TERMINATE = b"X\x00\x00\x00\x04"
 
@@ -21,8 +21,8 @@ def lock_is_free(pg, table: str) -> bool:
 
 
 def assert_closed_with(raw: RawClient, message: str, since: float, timeout: float) -> None:
-    """The next thing `raw` gets is FATAL `message` (its SQLSTATE: POOLER_SQLSTATE) and a hint, between `timeout` and one janitor
-    period (plus slack) after `since`, and then the close."""
+    """The next thing `raw` gets is FATAL `message` (its SQLSTATE: POOLER_SQLSTATE) and a hint,
+    between `timeout` and one janitor period (plus slack) after `since`, and then the close."""
     raw.sock.settimeout(5)
     error = raw.read_error()
     waited = time.monotonic() - since
@@ -43,9 +43,7 @@ def test_idle_transaction_timeout_closes_the_client_and_frees_its_locks(make_rel
     assert_closed_with(c, "idle transaction timeout", time.monotonic(), 1.0)
     assert lock_is_free(pg, "timeout_locked")
     assert "idle transaction timeout" in relay.log()
-    nxt = connect(relay)
-    assert scalar(nxt, "select 'served'") == "served"
-    nxt.close()
+    assert_served(relay)
 
 
 def test_idle_transaction_timeout_spares_running_queries_and_busy_transactions(make_relay):
@@ -86,9 +84,7 @@ def test_client_idle_timeout_closes_an_idle_client(make_relay):
     assert_closed_with(idle, "client_idle_timeout", start, 1.0)
     assert scalar(busy, "select 'busy stays'") == "busy stays"
     busy.close()
-    fresh = connect(relay)
-    assert scalar(fresh, "select 'served'") == "served"
-    fresh.close()
+    assert_served(relay)
 
 
 def test_client_idle_timeout_off_keeps_idle_clients(make_relay):

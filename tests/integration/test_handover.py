@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from ..support import RawClient, connect, query_message, scalar, wait_until
+from ..support import RawClient, assert_served, connect, query_message, scalar, wait_until
 
 TERMINATE = b"X\x00\x00\x00\x04"
 FLUSH = b"H\x00\x00\x00\x04"
@@ -224,9 +224,7 @@ def test_server_to_client_backlog_is_bounded_for_a_client_that_never_reads(make_
     assert zs == sent_small + 1
     assert data_bytes == sent_small * (2000 + 6) + 1000 * (1000000 + 6)  # values plus column headers
     assert rss_mib(relay) - baseline < 24
-    other = connect(relay)
-    assert scalar(other, "select 'served'") == "served"
-    other.close()
+    assert_served(relay)
     c.close()
 
 
@@ -261,9 +259,7 @@ def test_client_to_server_backlog_is_not_handed_to_the_next_client(make_relay, f
     assert peak - baseline < 32, f"RSS grew from {baseline:.1f} to {peak:.1f} MiB"
     c1.close()
     c2.close()
-    other = connect(relay)
-    assert scalar(other, "select 'served'") == "served"
-    other.close()
+    assert_served(relay)
 
 
 # -- 5. queued clients: a small bound, no copies, no bytes of gone clients -------------------------

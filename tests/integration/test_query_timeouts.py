@@ -2,8 +2,9 @@
 [databases] (and [clusters]) values of every timeout winning over the global ones.
 
 As in PgBouncer 1.26, a timeout on a linked server closes the server and then the client, with
-FATAL with PgBouncer's text, the SQLSTATE of POOLER_SQLSTATE and a hint; a queued client just goes. Timing: pgrelay's janitor looks every
-0.5 s, so a timeout fires no earlier than its time and within about one period after it.
+a FATAL with PgBouncer's text, the SQLSTATE of POOLER_SQLSTATE and a hint; a queued client just
+goes. Timing: pgrelay's janitor looks every 0.5 s, so a timeout fires no earlier than its time and
+within about one period after it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 
 import pytest
 
-from ..support import POOLER_SQLSTATE, RawClient, connect, error_fields, query_message, scalar, wait_until
+from ..support import (POOLER_SQLSTATE, RawClient, assert_served, connect, error_fields, query_message, scalar,
+                       wait_until)
 from .test_settings_enforced import ensure_role
 
 QUEUED = "No server connection available in postgres backend, client being queued"
@@ -56,7 +58,8 @@ class Watch:
             self.failure = exc
 
     def assert_fatal(self, message: str, since: float, timeout: float) -> None:
-        """FATAL `message` with its SQLSTATE (POOLER_SQLSTATE) and a hint, `timeout` to one janitor period (plus slack) after `since`, then the close."""
+        """FATAL `message` with its SQLSTATE (POOLER_SQLSTATE) and a hint, `timeout` to one janitor
+        period (plus slack) after `since`, then the close."""
         self.thread.join(timeout + 8)
         assert self.fields is not None, f"no error ({self.failure!r})"
         assert (self.fields["S"], self.fields["C"], self.fields["M"]) == ("FATAL", POOLER_SQLSTATE[message], message), \
@@ -82,14 +85,6 @@ def in_transaction(relay, **kw):
     conn.autocommit = False
     scalar(conn, "SELECT 1")
     return conn
-
-
-def assert_served(relay, **kw) -> None:
-    conn = connect(relay, **kw)
-    try:
-        assert scalar(conn, "SELECT 'served'") == "served"
-    finally:
-        conn.close()
 
 
 # -- query_timeout ----------------------------------------------------------------------------------
