@@ -15,20 +15,26 @@ USAGE = """pgrelay [CONFIG_FILE | -c CONFIG_FILE] [--SETTING VALUE ...]
 _FLAGS = {"-h", "--help", "--version", "--list-plugins", "-V"}
 
 
-def split_args(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
-    """(config path, remaining --setting arguments, flags) from a command line."""
+def _usage_error(message: str):
+    raise SystemExit(f"pgrelay: error: {message}")
+
+
+def split_args(argv: list[str], known_flags=frozenset(_FLAGS),
+               error=_usage_error) -> tuple[str | None, list[str], set[str]]:
+    """(config path, remaining --setting arguments, flags) from a command line; `error(message)`
+    raises for a bad one (pgrelay check passes its own flags and error)."""
     path = None
     rest: list[str] = []
     flags: set[str] = set()
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in _FLAGS:
+        if arg in known_flags:
             flags.add(arg)
             i += 1
         elif arg in ("-c", "--config"):
             if i + 1 >= len(argv):
-                raise SystemExit("pgrelay: error: -c needs a file name")
+                error(f"{arg} needs a file name")
             path = argv[i + 1]
             i += 2
         elif arg.startswith("--config="):
@@ -45,7 +51,7 @@ def split_args(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
             path = arg
             i += 1
         else:
-            raise SystemExit(f"pgrelay: error: unexpected argument {arg!r}")
+            error(f"unexpected argument {arg!r}")
     return path, rest, flags
 
 

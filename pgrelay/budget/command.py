@@ -50,51 +50,39 @@ class UsageError(Exception):
 
 
 def parse(argv: list[str]) -> tuple[str | None, dict, list[str], set[str]]:
-    """(config path, check options, pgrelay --setting arguments, flags), like pgrelay's own command line."""
-    path, options, rest, flags = None, {}, [], set()
+    """(config path, check options, pgrelay --setting arguments, flags), like pgrelay's own command line:
+    the check's numeric options are taken out first, the rest is split as `pgrelay FILE` splits it."""
+    from ..cli import split_args
+
+    options, remaining = {}, []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
-        if arg in FLAGS:
-            flags.add(arg)
+        if name not in OPTIONS:
+            remaining.append(arg)
             i += 1
-        elif name in OPTIONS:
-            if eq:
-                text = inline
-                i += 1
-            elif i + 1 < len(argv):
-                text = argv[i + 1]
-                i += 2
-            else:
-                raise UsageError(f"{name} needs a number")
-            try:
-                value = int(text)
-            except ValueError:
-                raise UsageError(f"{name}: invalid integer {text!r}") from None
-            if value < OPTIONS[name]:
-                raise UsageError(f"{name}: {value} is below the minimum {OPTIONS[name]}")
-            options[name] = value
-        elif arg in ("-c", "--config"):
-            if i + 1 >= len(argv):
-                raise UsageError(f"{arg} needs a file name")
-            path = argv[i + 1]
+            continue
+        if eq:
+            text = inline
+            i += 1
+        elif i + 1 < len(argv):
+            text = argv[i + 1]
             i += 2
-        elif name == "--config" and eq:
-            path = inline
-            i += 1
-        elif arg.startswith("-"):
-            rest.append(arg)
-            if not eq and i + 1 < len(argv):
-                rest.append(argv[i + 1])
-                i += 2
-            else:
-                i += 1
-        elif path is None:
-            path = arg
-            i += 1
         else:
-            raise UsageError(f"unexpected argument {arg!r}")
+            raise UsageError(f"{name} needs a number")
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(f"{name}: invalid integer {text!r}") from None
+        if value < OPTIONS[name]:
+            raise UsageError(f"{name}: {value} is below the minimum {OPTIONS[name]}")
+        options[name] = value
+
+    def error(message: str):
+        raise UsageError(message)
+
+    path, rest, flags = split_args(remaining, FLAGS, error)
     return path, options, rest, flags
 
 

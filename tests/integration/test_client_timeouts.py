@@ -115,16 +115,21 @@ def _pid_of_next_client(relay) -> int:
         conn.close()
 
 
+def _leave_with(relay, sql: str) -> float:
+    """A linked session-mode client sends `sql` and a Terminate in one packet; returns when."""
+    c = RawClient(relay.port)
+    c.login()
+    c.query("select 1")
+    c.send(query_message(sql) + TERMINATE)
+    return time.monotonic()
+
+
 def test_drained_server_is_reused_once_its_replies_are_in(make_relay):
     """Session mode, pool of one: Query + Terminate keeps the server until the query is done, then
     reuses it (same backend), rather than closing it or giving it away mid-reply."""
     relay = make_relay({"pool_mode": "session", "default_pool_size": "1"})
     first = _pid_of_next_client(relay)
-    c = RawClient(relay.port)
-    c.login()
-    c.query("select 1")
-    c.send(query_message("select pg_sleep(1.5)") + TERMINATE)
-    start = time.monotonic()
+    start = _leave_with(relay, "select pg_sleep(1.5)")
     assert _pid_of_next_client(relay) == first
     assert time.monotonic() - start >= 1.2  # it waited for the drain
     assert "server_drain_timeout" not in relay.log()
@@ -133,11 +138,7 @@ def test_drained_server_is_reused_once_its_replies_are_in(make_relay):
 def test_server_drain_timeout_closes_a_server_that_takes_too_long(make_relay):
     relay = make_relay({"pool_mode": "session", "default_pool_size": "1", "server_drain_timeout": "1"})
     first = _pid_of_next_client(relay)
-    c = RawClient(relay.port)
-    c.login()
-    c.query("select 1")
-    c.send(query_message("select pg_sleep(6)") + TERMINATE)
-    start = time.monotonic()
+    start = _leave_with(relay, "select pg_sleep(6)")
     pid = _pid_of_next_client(relay)
     assert time.monotonic() - start < 4
     assert pid != first
