@@ -40,12 +40,13 @@ MODE_SESSION, MODE_TRANSACTION, MODE_STATEMENT = 0, 1, 2
 class PoolStats:
     """Totals for one pool, as PgBouncer's SHOW STATS counts them."""
 
-    __slots__ = ("xact_count", "query_count", "bytes_received", "bytes_sent", "wait_time", "server_logins",
-                 "server_login_failures")
+    __slots__ = ("xact_count", "query_count", "server_assignment_count", "bytes_received", "bytes_sent",
+                 "xact_time", "query_time", "wait_time", "server_logins", "server_login_failures")
 
     def __init__(self):
-        self.xact_count = self.query_count = self.bytes_received = self.bytes_sent = 0
-        self.wait_time = 0.0
+        self.xact_count = self.query_count = self.server_assignment_count = 0
+        self.bytes_received = self.bytes_sent = 0
+        self.xact_time = self.query_time = self.wait_time = 0.0  # seconds
         self.server_logins = self.server_login_failures = 0
 
 
