@@ -94,8 +94,9 @@ def rss_bytes(pid: int) -> int:
 
 # -- poolers -------------------------------------------------------------------------------------
 
-def pooler_ini(port: int, pg_port: int, pool_mode: str, pool_size: int, auth_file: str, pidfile: str) -> str:
-    """The one pgbouncer.ini both poolers run from."""
+def pooler_ini(port: int, pg_port: int, pool_mode: str, pool_size: int, auth_file: str, pidfile: str,
+               extra: dict | None = None) -> str:
+    """The one pgbouncer.ini both poolers run from (`extra`: more [pgbouncer] settings)."""
     settings = {
         "listen_addr": "127.0.0.1",
         "listen_port": port,
@@ -109,6 +110,7 @@ def pooler_ini(port: int, pg_port: int, pool_mode: str, pool_size: int, auth_fil
         "log_disconnections": 0,
         "pidfile": pidfile,
     }
+    settings.update(extra or {})
     lines = ["[databases]", f"* = host=127.0.0.1 port={pg_port}", "", "[pgbouncer]"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
@@ -125,6 +127,8 @@ class Pooler:
     pg_port: int
     pgbouncer_bin: str
     owner: tuple[int, int] | None  # (uid, gid) PgBouncer runs as when we are root
+    extra: dict = field(default_factory=dict)  # more [pgbouncer] settings
+    extra_sections: str = ""                   # more sections, appended to the ini
     port: int = 0
     proc: subprocess.Popen | None = None
     _log: object = None
@@ -152,7 +156,8 @@ class Pooler:
         ini = self.path("ini")
         with open(ini, "w") as f:
             f.write(pooler_ini(self.port, self.pg_port, self.pool_mode, self.pool_size,
-                               os.path.join(self.workdir, "userlist.txt"), self.path("pid")))
+                               os.path.join(self.workdir, "userlist.txt"), self.path("pid"), self.extra)
+                    + self.extra_sections)
         if self.owner:
             os.chown(ini, *self.owner)
         cmd, extra = self.command(ini)
