@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from gevent import Timeout
 
-from . import protocol
-from .errors import (FEATURE_NOT_SUPPORTED, QUERY_CANCELED, ClientGone, LoginTimeout, ProtocolViolation, Reject,
-                     RejectError)
+from . import logs, protocol, virtual
+from .errors import (FEATURE_NOT_SUPPORTED, QUERY_CANCELED, ClientGone, LoginTimeout, PgRelayError, ProtocolViolation,
+                     Reject, RejectError)
 from .peer import Peer
 from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT,
                    SV_SYNC,
@@ -49,7 +49,7 @@ class ClientConnection(Peer):
                  "user", "database", "params", "pvals", "key", "skip", "carry", "open_batch", "pending", "pending_queries",
                  "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
                  "close_reason", "spec", "limits", "leaving", "term_queries", "cancel_server", "touched",
-                 "quiet_since", "xact_start", "__weakref__")
+                 "quiet_since", "xact_start", "virtual", "query_start", "txn_start", "decided_by", "__weakref__")
 
     def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener"):
         self.relay = relay
@@ -77,6 +77,9 @@ class ClientConnection(Peer):
         self.touched = False         # read since the janitor last looked (client_idle_timeout etc.)
         self.quiet_since = 0.0       # when the janitor last saw this client or its server busy
         self.xact_start = 0.0        # when its transaction began (link; janitor); 0: none (transaction_timeout)
+        self.query_start = 0.0       # event-loop time its outstanding queries began; 0: none (PoolStats)
+        self.txn_start = 0.0         # event-loop time its open transaction's first query began (PoolStats)
+        self.decided_by = ""         # the plugin whose pgrelay_route_client answered (Relay.route_client)
         self.out: bytearray | None = None
         self.paused = None           # the server whose reading we paused while `out` drains
         self.paused_by = None        # the server that paused our reading while its `out` drains
@@ -87,6 +90,7 @@ class ClientConnection(Peer):
         self.close_reason = ""
         self.spec = None             # the user name taken apart (role, cluster, suffix)
         self.limits: tuple = ()      # client limits this client counts against
+        self.virtual = None          # the VirtualDatabase serving it (pgrelay.virtual), if any
 
     def __repr__(self) -> str:
         return f"C-{self.id}"
@@ -118,22 +122,30 @@ class ClientConnection(Peer):
                 login = replace(login, spec=spec)
                 self.spec = spec
                 if relay.config.log_connections:
-                    log.info("%s login attempt: db=%s user=%s tls=%s", self.label, self.database, self.user,
-                             "yes" if self.tls else "no")
-                decision = relay.check_client_limits(login)
-                if decision is not None:
-                    raise RejectError(decision)
-                relay.authenticate(self, login)
-                decision = relay.route_client(login)
-                if isinstance(decision, Reject):
-                    raise RejectError(decision)
-                self.route = decision  # before admit: a refusal's hint may name the route
-                refusal = relay.admit(self, decision)
-                if refusal is not None:
-                    raise RejectError(refusal)
-                self.pool = relay.get_pool(decision, self)
-                welcome = self.pool.wait_welcome()
-                self._welcome(welcome)
+                    log.info("%s login attempt: db=%s user=%s tls=%s replication=%s", self.label, self.database,
+                             self.user, logs.tls_info(self.sock) if self.tls else "no",
+                             logs.replication(self.params), extra=logs.fields(self))
+                # A database served inside pgrelay (the admin console): no client limits, routing
+                # or pool; it authenticates the client and answers it in this greenlet (serve).
+                self.virtual = relay.virtual_database(login)
+                if self.virtual is not None:
+                    self.virtual.login(self, login)
+                    virtual.welcome(self, self.virtual)
+                else:
+                    decision = relay.check_client_limits(login)
+                    if decision is not None:
+                        raise RejectError(decision)
+                    relay.authenticate(self, login)
+                    decision = relay.route_client(login)
+                    if isinstance(decision, Reject):
+                        raise RejectError(decision)
+                    self.route = decision  # before admit: a refusal's hint may name the route
+                    refusal = relay.admit(self, decision)
+                    if refusal is not None:
+                        raise RejectError(refusal)
+                    self.pool = relay.get_pool(decision, self)
+                    welcome = self.pool.wait_welcome()
+                    self._welcome(welcome)
         except (ClientGone, OSError) as exc:
             self.disconnect(f"client unexpected eof during login ({exc})" if not isinstance(exc, OSError)
                             else "client unexpected eof during login")
@@ -142,10 +154,16 @@ class ClientConnection(Peer):
             self.disconnect("client_login_timeout", Reject("client_login_timeout"))
             return
         except Exception as exc:
+            if not isinstance(exc, PgRelayError):  # a bug, e.g. in a routing or auth plugin
+                relay.internal_error(exc, "login", f"{self.label} internal error during login", client=self)
             self.disconnect(getattr(exc, "message", None) or str(exc) or type(exc).__name__,
                             relay.translate_error(exc, "login", self))
             return
         if self.state == CL_CLOSED:
+            return
+        if self.virtual is not None:  # stays in CL_LOGIN: in no pool, unseen by the janitor's timeouts
+            relay.client_connected(self)
+            virtual.serve(self, self.virtual)
             return
         change_client_state(self, CL_IDLE)
         self.quiet_since = time.monotonic()
@@ -292,7 +310,7 @@ class ClientConnection(Peer):
         except ProtocolViolation as exc:
             self.disconnect(str(exc), self.relay.translate_error(exc, "relay", self))
         except Exception as exc:
-            log.exception("%s internal error while relaying", self.label)
+            self.relay.internal_error(exc, "relay", f"{self.label} internal error while relaying", client=self)
             self.disconnect("internal error", self.relay.translate_error(exc, "relay", self))
 
     def _handle_safely(self, data: bytes) -> None:
@@ -301,7 +319,7 @@ class ClientConnection(Peer):
         except ProtocolViolation as exc:
             self.disconnect(str(exc), self.relay.translate_error(exc, "relay", self))
         except Exception as exc:
-            log.exception("%s internal error while relaying", self.label)
+            self.relay.internal_error(exc, "relay", f"{self.label} internal error while relaying", client=self)
             self.disconnect("internal error", self.relay.translate_error(exc, "relay", self))
 
     def _handle(self, data: bytes) -> None:
@@ -321,6 +339,8 @@ class ClientConnection(Peer):
 
     def _forward(self, data, queries: int) -> None:
         """Send scanned bytes to the linked server, or link one, or queue for one."""
+        if queries and not self.query_start:  # a round of queries begins (PoolStats.end_round ends it)
+            self.query_start = self.relay.clock()
         server = self.server
         if server is None:
             pool = self.pool
@@ -357,11 +377,12 @@ class ClientConnection(Peer):
             # Only reachable for bytes already read when a SET batch started; keep order.
             server.sync_data += data
             server.sync_queries += queries
+            self.pool.stats.bytes_received += len(data)
             return
         server.expect += queries
         n = len(data)
         pool = self.pool
-        pool.stats.bytes_sent += n
+        pool.stats.bytes_received += n  # PgBouncer's total_received: what clients send
         if server.out is None:
             try:
                 sent = server.sock.send(data)
@@ -481,13 +502,14 @@ class ClientConnection(Peer):
         sql = None if server.pvals == self.pvals else self.relay.set_params_sql(self.pvals, server.pvals)
         if sql:
             link(self, server, SV_SYNC)
+            self.pool.stats.bytes_received += len(data)
             server.begin_sync(self, sql, data, queries)
             return
         server.pvals = self.pvals
         link(self, server)
         server.expect += queries
         if data:
-            self.pool.stats.bytes_sent += len(data)
+            self.pool.stats.bytes_received += len(data)
             server.write(data, self)
         self.start_reading()
 
@@ -542,8 +564,9 @@ class ClientConnection(Peer):
     def fail_queries(self, error: Reject, count: int) -> None:
         """Answer `count` outstanding queries with an ERROR each and ReadyForQuery, staying connected."""
         if self.relay.config.log_pooler_errors:
-            log.warning("%s pooler error: %s", self.label, error.message)
+            log.warning("%s pooler error: %s", self.label, error.message, extra=logs.fields(self))
         error = self.relay.translate_error(RejectError(error), "relay", self)
+        self.query_start = self.txn_start = 0.0  # the round ends here, not counted (no server answered)
         self.write((error.encode() + protocol.READY_IDLE) * max(count, 1))
 
     # -- leaving -------------------------------------------------------------------------------
@@ -556,7 +579,7 @@ class ClientConnection(Peer):
         self.close_reason = reason
         if error is not None:
             if relay.config.log_pooler_errors and error.sqlstate != QUERY_CANCELED:
-                log.warning("%s pooler error: %s", self.label, error.message)
+                log.warning("%s pooler error: %s", self.label, error.message, extra=logs.fields(self))
             data = relay.translate_error(RejectError(error), "disconnect", self).encode()
             if self.out is not None:
                 self.out += data
@@ -590,7 +613,8 @@ class ClientConnection(Peer):
         self.stream.close()
         relay.forget_client(self)
         if log_it and relay.config.log_disconnections:
-            log.info("%s closing because: %s (age=%ds)", self.label, reason, time.monotonic() - self.connect_time)
+            log.info("%s closing because: %s (age=%ds)", self.label, reason, time.monotonic() - self.connect_time,
+                     extra=logs.fields(self))
         relay.client_disconnected(self, reason)
 
 

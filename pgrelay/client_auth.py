@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 # PostgreSQL's limit on an authentication message (PG_MAX_AUTH_TOKEN_LENGTH).
 MAX_AUTH_MESSAGE = 65535
 METHODS = ("trust", "any", "plain", "password", "md5", "scram-sha-256", "cert")
+# What observers (pgrelay_auth_failed) are told about a failed authentication: fixed names only,
+# never the message (it names the user) nor anything the client sent.
+FAILURE_REASONS = ("no_method", "password", "certificate", "channel_binding", "unsupported_method", "protocol")
 
 
 def role(login: "Login") -> str:
@@ -33,6 +36,20 @@ def role(login: "Login") -> str:
 
 def failed(user: str) -> RejectError:
     return RejectError(Reject(f'password authentication failed for user "{user}"', INVALID_PASSWORD))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The FAILURE_REASONS name of a RejectError or ProtocolViolation raised by `authenticate`."""
+    if not isinstance(exc, RejectError):
+        return "protocol"
+    decision = exc.decision
+    if decision.sqlstate == INVALID_PASSWORD:
+        return "password"
+    if decision.message.startswith("certificate authentication failed"):
+        return "certificate"
+    if "channel binding" in decision.message:
+        return "channel_binding"
+    return "unsupported_method"
 
 
 def _auth_request(code: int, payload: bytes = b"") -> bytes:

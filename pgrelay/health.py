@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import gevent
@@ -125,7 +125,7 @@ class HealthMonitor:
         except ServerError as exc:
             return False, None, 0.0, str(exc)
         except Exception as exc:  # a bug: never let the monitor die
-            log.exception("health check of %s failed", addr)
+            self.relay.internal_error(exc, "health", f"health check of {addr} failed")
             return False, None, 0.0, type(exc).__name__
 
     def _publish(self, addr: "HostAddr", up: bool, in_recovery: bool | None, lag: float, error: str) -> bool:
@@ -140,4 +140,5 @@ class HealthMonitor:
             return False
         role = "down" if not up else ("standby" if in_recovery else "primary")
         log.info("host %s is now %s%s", addr, role, f" ({error})" if error else "")
+        self.relay.host_changed(addr, replace(state))  # a copy: the next check updates `state`
         return True

@@ -22,11 +22,14 @@ import pluggy
 
 if TYPE_CHECKING:
     from .client import ClientConnection
-    from .errors import Reject
+    from .errors import Reject, ServerError
+    from .health import HostState
+    from .pool import Pool
     from .relay import Relay
     from .routing import Database, HostAddr, Login, Route, UserSpec
     from .server import ServerConnection
     from .settings import SettingsRegistry
+    from .virtual import VirtualDatabase
 
 hookspec = pluggy.HookspecMarker("pgrelay")
 
@@ -68,6 +71,27 @@ def pgrelay_reload(relay: "Relay", changed: frozenset[str]) -> None:
     :param changed: names of changed settings, and ``[section]`` names of changed sections.
 
     Called from: ``Relay.reload``.
+    """
+
+
+@hookspec
+def pgrelay_reloading(relay: "Relay") -> None:
+    """A reload (SIGHUP, or the admin console's RELOAD) begins: the configuration is about to be
+    re-read. Exactly one of ``pgrelay_reload`` (accepted) or ``pgrelay_reload_failed`` (refused)
+    follows, in the same greenlet.
+
+    Called from: ``Relay.reloading``, at the start of ``Relay.reload``.
+    """
+
+
+@hookspec
+def pgrelay_reload_failed(relay: "Relay", error: BaseException) -> None:
+    """A reload was refused and the old configuration stays in force.
+
+    :param error: the ``ConfigError`` or ``OSError`` that refused it (already logged; its text
+        names the file and line, so do not publish it where a configured value must not appear).
+
+    Called from: ``Relay.reload_failed``, by ``Relay.reload``.
     """
 
 
@@ -178,6 +202,35 @@ def pgrelay_choose_host(relay: "Relay", route: "Route", hosts: "tuple[HostAddr, 
     """
 
 
+@hookspec(firstresult=True)
+def pgrelay_virtual_database(relay: "Relay", login: "Login") -> "VirtualDatabase | None":
+    """Claim a login for a database served inside pgrelay (the admin console ``pgbouncer``).
+
+    :param login: ``login.database`` is the name the client asked for; ``login.spec`` is set.
+    :returns: a ``pgrelay.virtual.VirtualDatabase`` that authenticates the client, checks its access
+        and answers its queries in its own greenlet; or None for an ordinary database (routing,
+        client limits and pools then apply as usual). A claimed client is exempt from client
+        limits (max_client_conn and the like), as PgBouncer's console is.
+
+    Called from: ``Relay.virtual_database``, during login, after ``pgrelay_parse_username`` and
+    before ``pgrelay_check_client_limits``.
+    """
+
+
+@hookspec
+def pgrelay_admin_commands(relay: "Relay", commands: Any) -> None:
+    """Add commands to the admin console.
+
+    :param commands: the console's command table (``pgrelay.admin.commands.CommandTable``): call
+        ``commands.add(name, handler, args="", doc="", admin=True)``; ``handler(ctx, arg)`` returns
+        a command tag, a ``ResultSet`` or a list of them, or raises ``AdminError``. Commands added
+        here are listed after PgBouncer's in ``SHOW HELP``; built-in ones cannot be replaced.
+
+    Called from: ``Relay.admin_commands``, once per configuration, when the console builds its
+    command table.
+    """
+
+
 # -- limits -----------------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
@@ -212,6 +265,43 @@ def pgrelay_translate_error(relay: "Relay", error: BaseException, phase: str,
     """
 
 
+@hookspec
+def pgrelay_internal_error(relay: "Relay", error: BaseException, phase: str,
+                           client: "ClientConnection | None", server: "ServerConnection | None") -> None:
+    """A bug: an exception nobody handled, in the relay, a plugin, a login or a periodic task.
+
+    It has already been logged with its traceback; the client or server it hit has been
+    disconnected (a client gets ``internal error``, XX000) and pgrelay keeps serving.
+
+    :param error: the exception (``error.__traceback__`` is intact).
+    :param phase: where it happened: ``"login"`` (a client's login, including the routing and auth
+        plugins it calls), ``"relay"`` (the relay loop), ``"server_login"``, ``"janitor"``,
+        ``"health"`` (a health check), ``"accept"``, ``"translate_error"`` or ``"plugin"`` (a
+        notification hook failed).
+    :param client: the client it hit, or None. :param server: the server it hit, or None.
+
+    Called from: ``Relay.internal_error`` (in a new greenlet), which every such place calls.
+    """
+
+
+@hookspec(firstresult=True)
+def pgrelay_sentry_event(relay: "Relay", event: dict[str, Any], hint: dict[str, Any]) -> "Reject | None":
+    """See, enrich or drop an error report before the sentry plugin sends it to Sentry.
+
+    :param event: the Sentry event, already scrubbed of secrets; change it in place to add
+        ``tags``, ``contexts``, ``extra`` or a ``fingerprint`` (what a plugin adds is scrubbed too).
+    :param hint: ``hint["pgrelay"]`` says what is reported: ``"kind"`` (``"internal_error"``,
+        ``"server_login_failed"``, ``"server_lost"``, ``"client_timeout"``, ``"auth_failed"``,
+        ``"host_changed"``), and for internal errors ``"phase"``; ``hint["exc_info"]`` holds the
+        exception of an internal error.
+    :returns: a Reject to drop the event (its message says why; logged at debug level), or None
+        to keep it (with any changes made) and let the next plugin see it.
+
+    Called from: ``Relay.sentry_event``, by the sentry plugin just before an event is queued for
+    sending (in the greenlet that reports it; it must not block).
+    """
+
+
 # -- observability (notifications; return values are ignored) ---------------------------------
 
 @hookspec
@@ -235,6 +325,42 @@ def pgrelay_server_connected(relay: "Relay", server: "ServerConnection") -> None
 @hookspec
 def pgrelay_server_disconnected(relay: "Relay", server: "ServerConnection", reason: str) -> None:
     """A server connection closed. Called from: ``Relay.server_disconnected`` (in a new greenlet)."""
+
+
+@hookspec
+def pgrelay_server_login_failed(relay: "Relay", pool: "Pool", error: "ServerError") -> None:
+    """A new server connection of ``pool`` could not log in (connect, authentication, connect_query,
+    or no usable host).
+
+    :param error: ``error.fields`` holds the server's ErrorResponse fields (``C`` SQLSTATE, ``M``
+        message) when the server sent one; ``error.routing`` is True when host selection refused.
+
+    Called from: ``Relay.server_login_failed`` (in a new greenlet), from ``Pool.server_login_failed``.
+    """
+
+
+@hookspec
+def pgrelay_auth_failed(relay: "Relay", login: "Login", reason: str) -> None:
+    """A client failed authentication and is being refused.
+
+    :param reason: one of the fixed strings in ``client_auth.FAILURE_REASONS``: ``"no_method"``
+        (no method allowed, e.g. an hba reject), ``"password"`` (wrong password or unknown user),
+        ``"certificate"``, ``"channel_binding"``, ``"unsupported_method"``, ``"protocol"``
+        (a malformed authentication exchange). Never the secret: ``login`` has the user, database
+        and peer, no password.
+
+    Called from: ``Relay.auth_failed`` (in a new greenlet), from ``Relay.authenticate``.
+    """
+
+
+@hookspec
+def pgrelay_host_changed(relay: "Relay", host: "HostAddr", state: "HostState") -> None:
+    """The health monitor saw a host change: up or down, or its role (primary, standby).
+
+    :param state: a copy of what the check found (``up``, ``in_recovery``, ``lag``, ``error``).
+
+    Called from: ``Relay.host_changed`` (in a new greenlet), by the health monitor.
+    """
 
 
 @hookspec

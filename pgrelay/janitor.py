@@ -48,7 +48,7 @@ class Janitor:
         self.relay = relay
         self.greenlet = None
         self.last_stats = time.monotonic()
-        self.last_totals: dict[str, tuple] = {}
+        self.last_totals: dict[Pool, tuple] = {}  # stats totals at the last stats line
         self.requests: dict[int, float] = {}   # client id -> the tick that saw its last request
         self.sweeping = False                   # whether the last tick swept the clients
         self.notified: set[int] = set()         # clients sent the query_wait_notify NOTICE
@@ -67,8 +67,8 @@ class Janitor:
             gevent.sleep(TICK)
             try:
                 self.tick()
-            except Exception:
-                log.exception("janitor failed")
+            except Exception as exc:
+                self.relay.internal_error(exc, "janitor", "janitor failed")
 
     def tick(self) -> None:
         relay = self.relay
@@ -111,7 +111,7 @@ class Janitor:
             self.last_stats = now
             snapshot = relay.stats_snapshot()
             if config.log_stats:
-                self._log_stats(snapshot, elapsed)
+                self._log_stats(elapsed)
             relay.report_stats(snapshot)
 
     # -- connected clients: query, transaction, idle transaction and client idle timeouts -------------
@@ -242,7 +242,7 @@ class Janitor:
             for server in pool.used + pool.idle:
                 server.close("autodb_idle_timeout")
             del relay.pools[pool.key]
-            self.last_totals.pop(pool.name, None)
+            self.last_totals.pop(pool, None)
             for limit in pool.route.server_limits:
                 relay.server_groups.get(limit.key, set()).discard(pool)
             log.info("dropping database '%s' as it does not exist anymore or inactive auto-database",
@@ -271,7 +271,7 @@ class Janitor:
             if id(pool) in held or relay.pools.get(pool.key) is not pool:
                 continue
             del relay.pools[pool.key]
-            self.last_totals.pop(pool.name, None)  # a new pool of that name counts from zero
+            self.last_totals.pop(pool, None)  # a new pool of that name counts from zero
             for limit in pool.route.server_limits:
                 relay.server_groups.get(limit.key, set()).discard(pool)
             log.info("pool %s freed: no clients and no servers for %ds (pool_idle_timeout)", pool.name,
@@ -291,14 +291,26 @@ class Janitor:
             if client.sock.fileno() in gone:
                 client.disconnect("client unexpected eof")
 
-    def _log_stats(self, snapshot: dict, elapsed: float) -> None:
-        for name, s in snapshot["pools"].items():
-            now = (s["xact_count"], s["query_count"], s["bytes_received"], s["bytes_sent"], s["wait_time"])
-            before = self.last_totals.get(name, (0, 0, 0, 0, 0.0))
-            self.last_totals[name] = now
-            d = [a - b for a, b in zip(now, before, strict=True)]
-            if not any(d):
-                continue
-            log.info("stats: %s: %d xacts/s, %d queries/s, in %d B/s, out %d B/s, wait %d us",
-                     name, d[0] / elapsed, d[1] / elapsed, d[2] / elapsed, d[3] / elapsed,
-                     (d[4] / d[0] * 1e6) if d[0] else 0)
+    def _log_stats(self, elapsed: float) -> None:
+        """PgBouncer's stats line (src/stats.c refresh_stats): one line for the whole process every
+        stats_period, with rates per second and average times in microseconds over the period
+        (wait: per server assignment). The parse and bind counts come from protocol-level prepared
+        statement tracking, which pgrelay does not do (max_prepared_statements is planned): they
+        are 0, as in PgBouncer with max_prepared_statements = 0."""
+        totals: dict = {}
+        delta = [0.0] * 8
+        for pool in list(self.relay.pools.values()):
+            s = pool.stats
+            now = (s.xact_count, s.query_count, s.bytes_received, s.bytes_sent, s.xact_time, s.query_time,
+                   s.wait_time, s.server_assignment_count)
+            before = self.last_totals.get(pool, (0,) * len(now))  # a pool new in this period: from 0
+            totals[pool] = now
+            delta = [d + (a - b) for d, a, b in zip(delta, now, before, strict=True)]
+        self.last_totals = totals  # pools freed since the last line are forgotten
+        xacts, queries, received, sent, xact_time, query_time, wait_time, assigned = delta
+        rate = (lambda n: n / elapsed) if elapsed > 0 else (lambda n: 0)
+        log.info("stats: %d xacts/s, %d queries/s, %d client parses/s, %d server parses/s, %d binds/s, "
+                 "in %d B/s, out %d B/s, xact %d us, query %d us, wait %d us",
+                 rate(xacts), rate(queries), 0, 0, 0, rate(received), rate(sent),
+                 xact_time * 1e6 / xacts if xacts else 0, query_time * 1e6 / queries if queries else 0,
+                 wait_time * 1e6 / assigned if assigned else 0)

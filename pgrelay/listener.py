@@ -27,17 +27,19 @@ DEFER_ACCEPT_SECONDS = 45
 
 
 class _Bound:
-    __slots__ = ("sock", "watcher", "info", "unix_path")
+    __slots__ = ("sock", "watcher", "info", "unix_path", "adopted")
 
-    def __init__(self, sock, info: Listener, unix_path: str | None):
+    def __init__(self, sock, info: Listener, unix_path: str | None, adopted: bool = False):
         self.sock = sock
         self.info = info
         self.unix_path = unix_path
+        self.adopted = adopted  # passed by the service manager: its Unix socket file is not ours to remove
         self.watcher = get_hub().loop.io(sock.fileno(), 1)
 
 
 class Listeners:
-    """The relay's listening sockets: listen_addr x listen_port, plus the Unix socket."""
+    """The relay's listening sockets: listen_addr x listen_port, plus the Unix socket, or the ones
+    the service manager passed in their place (systemd socket activation)."""
 
     def __init__(self, relay: "Relay"):
         self.relay = relay
@@ -46,14 +48,16 @@ class Listeners:
     def start(self) -> None:
         config = self.relay.config
         errors = []
-        for info, addrs in listener_specs(config):
-            for addr in addrs:
+        specs = listener_specs(config)
+        passed_tcp, passed_unix = self._adopt(specs)  # systemd socket activation
+        for info, addrs in specs:
+            for addr in () if info.port in passed_tcp else addrs:
                 try:
                     for family, sockaddr in _resolve(addr, info.port):
                         self._bind_tcp(family, sockaddr, info)
                 except OSError as exc:
                     errors.append(f"{addr}:{info.port}: {exc.strerror or exc}")
-            if config.unix_socket_dir:
+            if config.unix_socket_dir and info.port not in passed_unix:
                 path = os.path.join(config.unix_socket_dir, f".s.PGSQL.{info.port}")
                 try:
                     self._bind_unix(path, info)
@@ -68,6 +72,8 @@ class Listeners:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.relay.config.so_reuseport:  # several processes on one port (rolling restarts)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
@@ -101,18 +107,49 @@ class Listeners:
         log.info("listening on unix:%s (%s)", path, _describe(info))
         self._watch(sock, info, path)
 
-    def _watch(self, sock, info: Listener, unix_path: str | None) -> None:
+    def _watch(self, sock, info: Listener, unix_path: str | None, adopted: bool = False) -> None:
         sock.setblocking(False)
-        bound = _Bound(sock, info, unix_path)
+        bound = _Bound(sock, info, unix_path, adopted)
         bound.watcher.start(self._on_accept, bound)
         self.bound.append(bound)
 
-    def _on_accept(self, bound: _Bound) -> None:
+    def _adopt(self, specs) -> tuple[set[int], set[int]]:
+        """Serve the sockets the service manager passed (see passed_sockets), as PgBouncer does.
+
+        A passed TCP socket serves the listener with its port, a passed Unix socket the one its
+        ``.s.PGSQL.<port>`` name names; that listener then binds no TCP address (or no Unix socket)
+        of its own, while listeners and kinds no passed socket covers are bound as usual. A passed
+        socket matching no listener port serves the main listener. Returns the ports covered by
+        passed TCP and by passed Unix sockets."""
+        by_port = {info.port: info for info, _ in specs}
+        covered: dict[bool, set[int]] = {False: set(), True: set()}
+        for sock, name in passed_sockets(self.relay.env):
+            is_unix = sock.family == socket.AF_UNIX
+            local = sock.getsockname()
+            if is_unix:
+                path = local.decode(errors="replace").replace("\0", "@", 1) if isinstance(local, bytes) else local
+                where, port = f"unix:{path}", _unix_port(path)
+            else:
+                path, where, port = None, _format_addr(local), local[1]
+                defer_accept(sock, self.relay.config.tcp_defer_accept)
+            info = by_port.get(port)
+            if info is None:
+                info = specs[0][0]
+                log.warning("socket %s passed by the service manager matches no listener port; "
+                            "it serves the %s listener", where, info.name)
+            else:
+                covered[is_unix].add(port)
+            log.info("listening on %s (%s; passed by the service manager as fd %d%s)", where, _describe(info),
+                     sock.fileno(), f", {name}" if name else "")
+            self._watch(sock, info, (path or "unix") if is_unix else None, adopted=True)
+        return covered[False], covered[True]
+
+    def _on_accept(self, bound: _Bound) -> bool | None:
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 sock, addr = bound.sock.accept()
             except BlockingIOError:
-                return
+                return True  # nothing more queued
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("accept() failed: %s; pausing accepts for 1s", exc.strerror)
@@ -129,20 +166,25 @@ class Listeners:
                 peer = f"{addr[0]}:{addr[1]}"
             try:
                 self.relay.accept(sock, peer, bound.info)
-            except Exception:
-                log.exception("could not set up a new client connection")
+            except Exception as exc:
+                self.relay.internal_error(exc, "accept", "could not set up a new client connection")
                 sock.close()
 
     def _resume(self, bound: _Bound) -> None:
         if bound in self.bound:
             bound.watcher.start(self._on_accept, bound)
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False) -> None:
+        """Close the listening sockets. With `drain`, connections the kernel already queued are accepted
+        first (closing would reset them; with so_reuseport the other processes take the new ones)."""
         for bound in self.bound:
             bound.watcher.stop()
+            for _ in range(100 if drain else 0):
+                if self._on_accept(bound):
+                    break
             bound.watcher.close()
             bound.sock.close()
-            if bound.unix_path:
+            if bound.unix_path and not bound.adopted:
                 try:
                     os.unlink(bound.unix_path)
                 except OSError:
@@ -158,6 +200,55 @@ def defer_accept(sock, enabled: bool) -> None:
     option = getattr(socket, "TCP_DEFER_ACCEPT", None)
     if option is not None:
         sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS if enabled else 0)
+
+
+SD_LISTEN_FDS_START = 3
+LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def passed_sockets(env: dict[str, str]) -> list[tuple[socket.socket, str]]:
+    """sd_listen_fds(3) without libsystemd: the listening sockets systemd (or
+    systemd-socket-activate) passed as fds 3 .. 3+LISTEN_FDS-1, with their LISTEN_FDNAMES names,
+    when LISTEN_PID is this process. The variables are removed from `env` and os.environ either
+    way, so no child process takes the sockets for its own. A passed socket that is not a
+    listening TCP or Unix stream socket is closed with a warning."""
+    pid, count, names = (env.get(key) for key in LISTEN_VARIABLES)
+    for key in LISTEN_VARIABLES:
+        env.pop(key, None)
+        os.environ.pop(key, None)
+    if not pid or not count:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []
+        number = int(count)
+    except ValueError:
+        log.warning("ignoring LISTEN_PID=%s LISTEN_FDS=%s: not numbers", pid, count)
+        return []
+    labels = names.split(":") if names else []
+    passed = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + number):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            log.warning("ignoring fd %d passed by the service manager: %s", fd, exc.strerror or exc)
+            continue
+        if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX) or sock.type != socket.SOCK_STREAM \
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            log.warning("ignoring fd %d passed by the service manager: not a listening TCP or Unix stream socket", fd)
+            sock.close()
+            continue
+        sock.set_inheritable(False)
+        index = fd - SD_LISTEN_FDS_START
+        passed.append((sock, labels[index] if index < len(labels) else ""))
+    return passed
+
+
+def _unix_port(path: str) -> int | None:
+    """The port a PostgreSQL Unix socket name stands for: 6432 for /run/pgrelay/.s.PGSQL.6432."""
+    name = path.rsplit("/", 1)[-1]
+    suffix = name[len(".s.PGSQL."):]
+    return int(suffix) if name.startswith(".s.PGSQL.") and suffix.isdigit() else None
 
 
 def listener_specs(config) -> list[tuple[Listener, tuple[str, ...]]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 import gevent
@@ -37,17 +38,62 @@ MODE_CODES = {SESSION: 0, TRANSACTION: 1, STATEMENT: 2}
 MODE_SESSION, MODE_TRANSACTION, MODE_STATEMENT = 0, 1, 2
 
 
+# Upper bounds (seconds) of the duration histograms' buckets (queue wait, transaction, query);
+# one more bucket counts what is longer than the last.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 300.0)
+
+
 class PoolStats:
-    """Totals for one pool, as PgBouncer's SHOW STATS counts them."""
+    """Totals for one pool since it was made, as PgBouncer's SHOW STATS counts them.
+
+    server_assignment_count: a server was linked to a client (every transaction in transaction
+    pooling, once per client in session pooling). query_count: queries answered (each ReadyForQuery
+    the client asked for: a Query, an extended-protocol batch up to Sync, a FunctionCall).
+    xact_count: transactions completed (a round of queries ending back at idle 'I', so one per
+    autocommit statement). query_time: time with queries outstanding; xact_time: time inside a
+    transaction, idle in transaction included; wait_time: time queued before a server was
+    assigned. bytes_received: from clients; bytes_sent: to clients (their servers' replies).
+    The *_hist lists count the same waits, transactions and query rounds by DURATION_BUCKETS
+    (not cumulative; the last counts those above the last bound), updated as each one ends.
+    """
 
     __slots__ = ("xact_count", "query_count", "server_assignment_count", "bytes_received", "bytes_sent",
-                 "xact_time", "query_time", "wait_time", "server_logins", "server_login_failures")
+                 "xact_time", "query_time", "wait_time", "server_logins", "server_login_failures",
+                 "wait_hist", "xact_hist", "query_hist")
 
     def __init__(self):
         self.xact_count = self.query_count = self.server_assignment_count = 0
         self.bytes_received = self.bytes_sent = 0
         self.xact_time = self.query_time = self.wait_time = 0.0  # seconds
         self.server_logins = self.server_login_failures = 0
+        self.wait_hist = [0] * (len(DURATION_BUCKETS) + 1)
+        self.xact_hist = [0] * (len(DURATION_BUCKETS) + 1)
+        self.query_hist = [0] * (len(DURATION_BUCKETS) + 1)
+
+    def end_round(self, client: "ClientConnection", idle: bool) -> None:
+        """All of the client's queries are answered (a ReadyForQuery with none owed): the round since
+        its first query adds to query_time; back at idle a transaction is over, timed from the
+        first query of its first round (PgBouncer's server.c). Once per round, never per message:
+        one read of the event loop's clock (cached per loop iteration, like PgBouncer's
+        get_cached_time), as when the round began (ClientConnection._forward)."""
+        start = client.query_start
+        if not start:
+            return
+        now = client.relay.clock()
+        client.query_start = 0.0
+        took = now - start if now > start else 0.0
+        self.query_time += took
+        self.query_hist[bisect_left(DURATION_BUCKETS, took)] += 1
+        if idle:
+            began = client.txn_start or start
+            client.txn_start = 0.0
+            took = now - began if now > began else 0.0
+            self.xact_count += 1
+            self.xact_time += took
+            self.xact_hist[bisect_left(DURATION_BUCKETS, took)] += 1
+        elif not client.txn_start:
+            client.txn_start = start
 
 
 class Pool:
@@ -71,10 +117,20 @@ class Pool:
         self.login_error_until = 0.0
         self.stats = PoolStats()
         self.next_host = 0
+        self.database = route.dbname  # the name its clients log in to (Relay.get_pool); PAUSE db etc.
+        self.paused = False           # PAUSE/KILL (pgrelay/control.py): hands out and opens no server
+        self.decided_by = ""          # the plugin whose pgrelay_route_client made its route (Relay.get_pool)
         self.configure(route)
 
     def configure(self, route: Route) -> None:
-        """Apply a (possibly reloaded) route and settings; existing servers keep running."""
+        """Apply a (possibly reloaded) route and settings; existing servers keep running, unless how
+        they connect changed (PgBouncer's tag_database_dirty): then each closes when released."""
+        old = getattr(self, "route", None)
+        if old is not None and _connection(old) != _connection(route):
+            for server in list(self.servers):
+                server.close_reason = server.close_reason or "database configuration changed"
+                if server.state in UNLINKED_SPARE:
+                    server.close(server.close_reason)
         self.route = route
         self.mode = MODE_CODES[route.pool_mode]
         self.reuse = route.reuse
@@ -97,7 +153,7 @@ class Pool:
 
     def launch_if_needed(self) -> None:
         """Open servers while clients wait (or min_pool_size is unmet) and size allows."""
-        if self.relay.shutting_down:
+        if self.relay.shutting_down or self.paused:
             return
         if self.login_error is not None and time.monotonic() < self.login_error_until:
             return
@@ -197,6 +253,7 @@ class Pool:
         self.logging_in -= 1
         self._forget(server)
         self.stats.server_login_failures += 1
+        self.relay.server_login_failed(self, error)
         reject = error.reject()
         if reject.sqlstate == CANNOT_CONNECT_NOW:
             gevent.spawn_later(1.0, self.launch_if_needed)
@@ -229,7 +286,11 @@ class Pool:
     # -- giving a server back ----------------------------------------------------------
 
     def give(self, server: "ServerConnection") -> None:
-        """An unlinked, clean server: to the first waiting client, else onto the idle list."""
+        """An unlinked, clean server: to the first waiting client, else onto the idle list (a paused
+        pool closes it instead: PAUSE waits for that)."""
+        if self.paused:
+            server.close("pause mode")
+            return
         while self.waiting:
             client = self.waiting[0]
             if client.state != CL_WAITING:
@@ -280,6 +341,12 @@ class Pool:
                 self.relay.server_counts[key] -= 1
 
 
+def _connection(route: Route) -> tuple:
+    """What a route's servers are connected to and with: a change makes them unfit for reuse."""
+    return (route.hosts, route.replicas, route.dbname, route.server_user, route.server_password,
+            route.server_params, route.connect_query)
+
+
 def link(client: "ClientConnection", server: "ServerConnection", state: int = SV_ACTIVE) -> None:
     """Attach a server to a client; both become active. The client's transaction began now, or when
     it was queued for this server (transaction_timeout; the janitor follows later ones in session mode)."""
@@ -288,7 +355,7 @@ def link(client: "ClientConnection", server: "ServerConnection", state: int = SV
     server.client = client
     client.server = server
     change_client_state(client, CL_ACTIVE)
-    client.pool.stats.xact_count += 1
+    client.pool.stats.server_assignment_count += 1
 
 
 def unlink(client: "ClientConnection", server: "ServerConnection") -> None:
@@ -313,7 +380,11 @@ def change_client_state(client: "ClientConnection", new: int) -> None:
             pool.waiting.remove(client)
         except ValueError:
             pass
-        pool.stats.wait_time += time.monotonic() - client.wait_start
+        if new == CL_ACTIVE:  # as PgBouncer: a wait counts when it ends with a server assigned
+            stats = pool.stats
+            waited = time.monotonic() - client.wait_start
+            stats.wait_time += waited
+            stats.wait_hist[bisect_left(DURATION_BUCKETS, waited)] += 1
     client.state = new
     if pool is None:
         return

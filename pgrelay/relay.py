@@ -16,10 +16,11 @@ from typing import Any, Iterable
 import gevent
 from gevent.event import Event
 
-from . import client_auth, logs
+from . import client_auth, logs, process
 from .auth import DerivedSecrets, ScramClient, ScramSecret
 from .config import Config, load_config
-from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, Reject, RejectError
+from .control import Control, ControlError
+from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, ProtocolViolation, Reject, RejectError
 from .listener import Listeners, listener_specs
 from .plugins import make_plugin_manager
 from .pool import CL_CLOSED, SV_ACTIVE, SV_DRAIN, UNLINKED_SPARE, Pool
@@ -53,11 +54,17 @@ class Relay:
         self.clients: dict[int, Any] = {}
         self.cancel_keys: dict[bytes, Any] = {}
         self.disconnects: collections.Counter[str] = collections.Counter()
+        # (plugin that answered pgrelay_route_client, "route" or "reject") -> logins (route_client)
+        self.route_decisions: collections.Counter[tuple[str, str]] = collections.Counter()
         self.shutting_down = False     # no new server connections are opened
         self.shutdown_requested = False
         self.stopped = Event()
+        # The event loop's time, cached per loop iteration (PgBouncer's get_cached_time): query and
+        # transaction times (PoolStats) are measured with it, so the relay loop reads no clock itself.
+        self.clock = gevent.get_hub().loop.now
         self.listeners = Listeners(self)
         self.health = HealthMonitor(self)
+        self.control = Control(self)  # PAUSE, RESUME, KILL, DISABLE... (pgrelay/control.py)
         self.client_counts: collections.Counter = collections.Counter()  # ClientLimit key -> clients
         self.server_counts: collections.Counter = collections.Counter()  # ServerLimit key -> servers
         self.server_groups: dict[Any, set[Pool]] = collections.defaultdict(set)
@@ -92,6 +99,8 @@ class Relay:
         for warning in self.config.warnings:
             log.warning("%s", warning)
         self.listeners.start()
+        if self.config.user:  # -u / user: after binding (ports below 1024), before the pidfile
+            process.change_user(self.config.user)
         if self.config.pidfile:
             with open(self.config.pidfile, "w") as f:
                 f.write(f"{os.getpid()}\n")
@@ -106,6 +115,8 @@ class Relay:
         gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(self.shutdown, "wait_for_servers"))
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.shutdown, "wait_for_clients"))
         gevent.signal_handler(signal.SIGQUIT, lambda: gevent.spawn(self.shutdown, "fast"))
+        gevent.signal_handler(signal.SIGUSR1, self.control.signal_pause)   # PAUSE (all), as PgBouncer
+        gevent.signal_handler(signal.SIGUSR2, self.control.signal_resume)  # RESUME (all)
 
     def serve_forever(self) -> None:
         self.stopped.wait()
@@ -113,10 +124,12 @@ class Relay:
     def reload(self) -> bool:
         """Re-read the configuration; keep the old one if the new one is invalid."""
         log.info("got SIGHUP, re-reading config")
+        self.reloading()
         try:
             new = load_config(self.registry, self.config_path, self.args, self.env)
         except (ConfigError, OSError) as exc:
             log.error("config reload failed, keeping the old configuration: %s", exc)
+            self.reload_failed(exc)
             return False
         changed = new.changed(self.config)
         fixed = {name for name in changed if name in self.registry.settings
@@ -140,6 +153,7 @@ class Relay:
         except ConfigError as exc:
             log.error("config reload failed, keeping the old configuration: %s", exc)
             self.config, self.plugin_data = old, old_state
+            self.reload_failed(exc)
             return False
         self._apply_config(tls)
         for pool in list(self.pools.values()):
@@ -149,6 +163,38 @@ class Relay:
             log.warning("%s", warning)
         self.hook.pgrelay_reload(relay=self, changed=changed - fixed)
         return True
+
+    def set_setting(self, name: str, text: str) -> Any:
+        """The console's SET: one reloadable [pgbouncer] setting takes `text` now, applied as a reload
+        that changed only it (plugins reconfigure; the next reload reads the file again). Raises
+        ControlError saying why not: unknown, not reloadable, or an invalid value. Returns the value."""
+        setting = self.registry.settings.get(name.lower())
+        if setting is None:
+            raise ControlError(f"unknown setting: {name}", "42704")
+        if setting.planned:
+            raise ControlError(f"setting {setting.name} is not implemented by pgrelay yet", "0A000")
+        if not setting.reload:
+            raise ControlError(f"setting {setting.name} cannot be changed while pgrelay runs; change it in the "
+                               "configuration file and restart pgrelay", "55P02")
+        try:
+            value = setting.parse(text)
+        except ValueError as exc:
+            raise ControlError(f"{setting.name}: {exc}", "22023") from None
+        old, old_state = self.config, dict(self.plugin_data)
+        self.config = Config(values={**old.values, setting.name: value}, sections=old.sections, path=old.path,
+                             warnings=old.warnings)
+        try:
+            tls = client_tls(self.config), server_tls(self.config)
+            self.configure()
+        except ConfigError as exc:
+            self.config, self.plugin_data = old, old_state
+            raise ControlError(f"{setting.name}: {exc}", "22023") from None
+        self._apply_config(tls)
+        for pool in list(self.pools.values()):
+            pool.configure(pool.route)
+        logs.setup(self.config)
+        log.info("SET command issued: %s changed", setting.name)  # never the value: it may be a secret
+        return value
 
     def shutdown(self, mode: str = "fast") -> None:
         """Stop accepting; then stop at once, after active servers are released, or after clients leave.
@@ -161,7 +207,7 @@ class Relay:
             mode = "fast"
         self.shutdown_requested = True
         log.info("shutdown requested (%s)", mode)
-        self.listeners.stop()
+        self.listeners.stop(drain=mode == "wait_for_clients")  # queued connections are served, not reset
         if mode != "wait_for_clients":  # SIGTERM keeps serving connected clients until they leave
             self.shutting_down = True
             for pool in list(self.pools.values()):
@@ -259,6 +305,10 @@ class Relay:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(self, route, key)
+            if client is not None:
+                pool.database = client.database
+                pool.decided_by = client.decided_by
+            pool.paused = self.control.pool_paused(pool)
         elif pool.route != route:
             pool.configure(route)
         for limit in route.server_limits:  # a reload may have added a cap to an existing pool
@@ -391,6 +441,12 @@ class Relay:
     def configure(self) -> None:
         self.hook.pgrelay_configure(relay=self)
 
+    def reloading(self) -> None:
+        self.hook.pgrelay_reloading(relay=self)
+
+    def reload_failed(self, error: BaseException) -> None:
+        self.hook.pgrelay_reload_failed(relay=self, error=error)
+
     def choose_auth_method(self, login: Login) -> str | Reject:
         method = self.hook.pgrelay_choose_auth_method(relay=self, login=login)
         if method is None:
@@ -401,8 +457,13 @@ class Relay:
         """Run the client's authentication exchange; raise RejectError to refuse it."""
         method = self.choose_auth_method(login)
         if isinstance(method, Reject):
+            self.auth_failed(login, "no_method")
             raise RejectError(method)
-        client_auth.authenticate(self, client, login, method)
+        try:
+            client_auth.authenticate(self, client, login, method)
+        except (RejectError, ProtocolViolation) as exc:
+            self.auth_failed(login, client_auth.failure_reason(exc))
+            raise
 
     def get_credentials(self, login: Login | None, user: str) -> str | None:
         return self.hook.pgrelay_get_credentials(relay=self, login=login, user=user)
@@ -418,9 +479,28 @@ class Relay:
         return self.hook.pgrelay_find_database(relay=self, name=name, cluster=cluster)
 
     def route_client(self, login: Login) -> Route | Reject:
-        decision = self.hook.pgrelay_route_client(relay=self, login=login)
+        """The routing decision; which plugin made it is counted in route_decisions and kept as
+        the client's decided_by (SHOW ROUTES, metrics)."""
+        impls = self.hook.pgrelay_route_client.get_hookimpls()
+        decided_by = "(none)"
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):  # let pluggy run the wrappers
+            decision = self.hook.pgrelay_route_client(relay=self, login=login)
+            decided_by = "(wrapped)" if decision is not None else decided_by
+        else:  # pluggy's firstresult order (last registered, tryfirst first), noting who answered
+            decision, kwargs = None, {"relay": self, "login": login}
+            for impl in reversed(impls):
+                decision = impl.function(*[kwargs[name] for name in impl.argnames])
+                if decision is not None:
+                    decided_by = impl.plugin_name
+                    break
+        self.route_decisions[decided_by, "reject" if not isinstance(decision, Route) else "route"] += 1
+        client = self.clients.get(login.client_id)
+        if client is not None:
+            client.decided_by = decided_by
         if decision is None:
             return Reject(f"no such database: {login.database}")
+        if self.control.disabled_dbs and not isinstance(decision, Reject):
+            return self.control.login_refusal(login.database) or decision  # DISABLE db
         return decision
 
     def choose_host(self, pool: Pool) -> HostAddr | Reject:
@@ -435,13 +515,21 @@ class Relay:
     def check_client_limits(self, login: Login) -> Reject | None:
         return self.hook.pgrelay_check_client_limits(relay=self, login=login)
 
+    def virtual_database(self, login: Login):
+        """The VirtualDatabase (pgrelay.virtual) that serves this login itself, or None."""
+        return self.hook.pgrelay_virtual_database(relay=self, login=login)
+
+    def admin_commands(self, commands) -> None:
+        """Let plugins add their commands to the admin console's command table."""
+        self.hook.pgrelay_admin_commands(relay=self, commands=commands)
+
     def translate_error(self, error: BaseException, phase: str, client) -> Reject:
         """What the client is told: a fault, or (RejectError) one of pgrelay's own refusals, which the
         built-in errors plugin renders with its SQLSTATE and HINT from its message table."""
         try:
             decision = self.hook.pgrelay_translate_error(relay=self, error=error, phase=phase, client=client)
-        except Exception:
-            log.exception("pgrelay_translate_error failed")
+        except Exception as exc:
+            self.internal_error(exc, "translate_error", "pgrelay_translate_error failed", client=client)
             decision = None
         if decision is None:
             if isinstance(error, PgRelayError):  # RejectError included: the decision as it is
@@ -457,8 +545,22 @@ class Relay:
     def _run_notification(self, caller, kwargs) -> None:
         try:
             caller(relay=self, **kwargs)
-        except Exception:
-            log.exception("plugin failed in %s", caller.name)
+        except Exception as exc:
+            if caller.name == "pgrelay_internal_error":  # never report a failed report (a loop)
+                log.exception("plugin failed in %s", caller.name)
+            else:
+                self.internal_error(exc, "plugin", f"plugin failed in {caller.name}",
+                                    client=kwargs.get("client"), server=kwargs.get("server"))
+
+    def internal_error(self, error: BaseException, phase: str, message: str, client=None, server=None) -> None:
+        """A bug that pgrelay survived (see the hook for `phase`): log `message` with the traceback,
+        as log.exception did at each place, then tell the plugins (e.g. Sentry)."""
+        log.error("%s", message, exc_info=(type(error), error, error.__traceback__))
+        self._notify("pgrelay_internal_error", error=error, phase=phase, client=client, server=server)
+
+    def sentry_event(self, event: dict[str, Any], hint: dict[str, Any]) -> Reject | None:
+        """Plugins may enrich an error report in place, or drop it by returning a Reject."""
+        return self.hook.pgrelay_sentry_event(relay=self, event=event, hint=hint)
 
     def client_connected(self, client) -> None:
         self._notify("pgrelay_client_connected", client=client)
@@ -474,6 +576,15 @@ class Relay:
         self.disconnects["server: " + reason] += 1
         self._notify("pgrelay_server_disconnected", server=server, reason=reason)
 
+    def server_login_failed(self, pool: Pool, error) -> None:
+        self._notify("pgrelay_server_login_failed", pool=pool, error=error)
+
+    def auth_failed(self, login: Login, reason: str) -> None:
+        self._notify("pgrelay_auth_failed", login=login, reason=reason)
+
+    def host_changed(self, host: HostAddr, state) -> None:
+        self._notify("pgrelay_host_changed", host=host, state=state)
+
     def report_stats(self, stats: dict[str, Any]) -> None:
         self._notify("pgrelay_report_stats", stats=stats)
 
@@ -486,6 +597,8 @@ class Relay:
             pools[pool.name] = {
                 "xact_count": s.xact_count, "query_count": s.query_count, "bytes_received": s.bytes_received,
                 "bytes_sent": s.bytes_sent, "wait_time": s.wait_time, "clients": pool.nclients,
+                "server_assignment_count": s.server_assignment_count, "xact_time": s.xact_time,
+                "query_time": s.query_time,
                 "waiting": len(pool.waiting), "servers": len(pool.servers), "idle_servers": len(pool.idle),
                 "server_logins": s.server_logins, "server_login_failures": s.server_login_failures,
             }

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent import Timeout
 
-from . import protocol, server_login
+from . import logs, protocol, server_login
 from .errors import CONNECTION_FAILURE, ProtocolViolation, Reject, ServerError
 from .peer import Peer
 from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN,
@@ -103,19 +103,17 @@ class ServerConnection(Peer):
                     except ServerError as exc:
                         raise ServerError(f"connect_query failed: {exc}", exc.fields) from None
         except ServerError as exc:
-            log.warning("S-%d: %s/%s@%s login failed: %s", self.id, route.dbname, route.server_user, self.addr, exc)
+            log.warning("%s login failed: %s", logs.server_label(self), exc, extra=logs.fields(self))
             self._discard()
             self.pool.server_login_failed(self, exc)
             return
         except Exception as exc:  # a bug: log it, count it, keep serving
-            log.exception("S-%d: unexpected error during server login", self.id)
+            self.relay.internal_error(exc, "server_login", f"S-{self.id}: unexpected error during server login",
+                                      server=self)
             self._discard()
             self.pool.server_login_failed(self, ServerError(f"server login failed: {type(exc).__name__}"))
             return
         self.pvals = self.relay.tracked_values(self.params)
-        if self.relay.config.verbose:
-            log.debug("S-%d: %s/%s@%s new connection to server%s", self.id, route.dbname, route.server_user,
-                      self.addr, " (TLS)" if self.stream.tls else "")
         self.start_reading()
         self.relay.server_connected(self)
         self.pool.server_ready(self)
@@ -136,8 +134,12 @@ class ServerConnection(Peer):
                                                    **({"D": chosen.detail} if chosen.detail else {})},
                                   routing=True)
             self.addr = chosen
+            log.debug("%s launching new connection to server", logs.server_label(self), extra=logs.fields(self))
             try:
                 self.stream = server_login.connect(self.relay, chosen)
+                if self.relay.config.log_connections:
+                    log.info("%s new connection to server%s", logs.server_label(self), logs.local_addr(self.stream),
+                             extra=logs.fields(self))
                 return
             except ServerError:
                 if attempt == 2 or len(candidates) < 2:
@@ -174,8 +176,9 @@ class ServerConnection(Peer):
                            else "server sent data while unlinked")
         except ProtocolViolation as exc:
             self.lost(f"server protocol violation: {exc}")
-        except Exception:
-            log.exception("S-%d: internal error while relaying", self.id)
+        except Exception as exc:
+            self.relay.internal_error(exc, "relay", f"S-{self.id}: internal error while relaying", client=self.client,
+                                      server=self)
             self.lost("internal error")
 
     def _relay(self, data: bytes) -> None:
@@ -191,7 +194,8 @@ class ServerConnection(Peer):
                 self._server_fatal(data, zs)
                 return
         client = self.client
-        client.pool.stats.bytes_received += n
+        stats = client.pool.stats
+        stats.bytes_sent += n  # PgBouncer's total_sent: what clients are sent
         if client.out is None:
             try:
                 sent = client.sock.send(data)
@@ -209,7 +213,9 @@ class ServerConnection(Peer):
         if zs:
             expect = self.expect - zs
             self.expect = expect if expect > 0 else 0
-            client.pool.stats.query_count += zs
+            stats.query_count += zs
+            if expect <= 0:
+                stats.end_round(client, self.txstatus == _I)
             if expect <= 0 and client.pool.mode:  # transaction or statement pooling
                 if self.txstatus == _I:
                     self.release_if_done()
@@ -514,10 +520,9 @@ class ServerConnection(Peer):
             if was in (SV_IDLE, SV_USED, SV_CANCEL_WAIT) and self.out is None:
                 self.stream.try_send(protocol.TERMINATE)
             self.stream.close()
-        route = self.pool.route
         if self.relay.config.log_disconnections:
-            log.info("S-%d: %s/%s@%s closing because: %s (age=%ds)", self.id, route.dbname, route.server_user,
-                     self.addr, reason, time.monotonic() - self.connect_time)
+            log.info("%s closing because: %s (age=%ds)", logs.server_label(self), reason,
+                     time.monotonic() - self.connect_time, extra=logs.fields(self))
         self.relay.server_disconnected(self, reason)
 
     # -- cancel -------------------------------------------------------------------------------

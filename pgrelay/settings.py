@@ -153,14 +153,25 @@ def planned(name: str, type_: SettingType, default: str, doc: str, reload: bool 
 # The core's settings: what this build implements, PgBouncer names and defaults.
 CORE_SETTINGS: list[Setting] = [
     # Process and logging
-    S("logfile", STR, "", True, "Also write the log to this file (stderr always gets it)."),
-    S("pidfile", STR, "", False, "Write the process id to this file; removed on exit."),
-    S("verbose", INT, "0", True, "Log verbosity: 0 normal; 1 or more adds debug lines (each new server connection)."),
+    S("logfile", STR, "", True, "Also write the log to this file (stderr gets it too, unless -q or -d)."),
+    S("pidfile", STR, "", False, "Write the process id to this file; removed on exit. Required by -d."),
+    S("verbose", INT, "0", True, "Log verbosity: 0 normal; 1 or more adds debug lines (e.g. each server "
+      "connection launched). Each -v on the command line raises it by one."),
     S("log_connections", BOOL, "1", True, "Log successful logins."),
     S("log_disconnections", BOOL, "1", True, "Log disconnections, with their reason."),
     S("log_pooler_errors", BOOL, "1", True, "Log the error messages pgrelay sends to clients."),
     S("log_stats", BOOL, "1", True, "Log aggregated statistics every stats_period."),
     S("stats_period", INT, "60", True, "Seconds between statistics log lines and stats hook calls."),
+    S("log_format", Enum("text", "json"), "text", True,
+      "text: PgBouncer's log lines; json: one JSON object per line (time, level, pid, message, and the "
+      "client, server, db, user and addr of the connection a line is about) for log shippers."),
+    S("syslog", BOOL, "0", True, "Also send the log to syslog (the /dev/log socket)."),
+    S("syslog_ident", STR, "pgbouncer", True, "Program name the syslog lines carry."),
+    S("syslog_facility", Enum("auth", "authpriv", "daemon", "user", *(f"local{i}" for i in range(8))), "daemon",
+      True, "Syslog facility: auth, authpriv, daemon, user or local0 to local7."),
+    S("user", STR, "", False,
+      "Unix user to switch to once the listening sockets are bound (pgrelay must start as root); "
+      "-u/--user USER on the command line overrides it."),
     # Listening
     S("listen_addr", LIST, "localhost", False,
       "TCP addresses to listen on, comma-separated; * means all. Empty: Unix socket only."),
@@ -173,12 +184,16 @@ CORE_SETTINGS: list[Setting] = [
     S("tcp_defer_accept", BOOL, "1", False,
       "TCP_DEFER_ACCEPT on the TCP listening sockets, 45 seconds as in PgBouncer: the kernel hands a connection "
       "to pgrelay only once the client has sent data (or the 45 s are over). Linux only; ignored elsewhere."),
+    S("so_reuseport", BOOL, "0", False,
+      "SO_REUSEPORT on the TCP listening sockets: several pgrelay processes may listen on the same port and the "
+      "kernel spreads new connections over them (rolling restarts, using more cores). Give each process its own "
+      "unix_socket_dir (or none). Linux and the BSDs; an error where the OS lacks it."),
     # TCP options of every client and server TCP socket (never Unix sockets), set when the socket is
     # opened: a reload applies to new connections.
     S("tcp_keepalive", BOOL, "1", True,
       "SO_KEEPALIVE on client and server TCP sockets (never Unix sockets), with the OS's probe timing unless "
       "tcp_keepidle, tcp_keepintvl or tcp_keepcnt set it (Linux: 7200 s idle, 75 s apart, 9 probes); 0 turns "
-      "keepalive off. The tcp_* options are set as a socket opens, so a reload applies to new connections; "
+      "keepalive off. These TCP options are set as a socket opens, so a reload applies to new connections; "
       "a value the kernel refuses is logged once and left unset."),
     S("tcp_keepidle", INT, "0", True,
       "TCP_KEEPIDLE: seconds a connection is idle before the first keepalive probe (Linux: at most 32767); "
@@ -282,7 +297,6 @@ CORE_SETTINGS: list[Setting] = [
 # PgBouncer keys accepted with a warning until pgrelay implements them.
 PLANNED_SETTINGS: list[Setting] = [
     planned("unix_socket_group", STR, "", "Group of the Unix socket.", reload=False),
-    planned("user", STR, "", "Unix user to switch to after startup.", reload=False),
     planned("peer_id", INT, "0", "Id of this process among peers."),
     planned("disable_pqexec", BOOL, "0", "Refuse the simple query protocol.", reload=False),
     planned("conffile", STR, "", "Shows the config file in use."),
@@ -291,11 +305,6 @@ PLANNED_SETTINGS: list[Setting] = [
     planned("max_prepared_statements", INT, "200", "Protocol-level prepared statements tracked per server in transaction mode."),
     planned("auth_ident_file", STR, "", "Ident map file."),
     planned("auth_ldap_options", STR, "", "LDAP options."),
-    planned("syslog", BOOL, "0", "Log to syslog."),
-    planned("syslog_ident", STR, "pgbouncer", "Program name in syslog."),
-    planned("syslog_facility", STR, "daemon", "Syslog facility."),
-    planned("admin_users", LIST, "", "Users allowed on the admin console."),
-    planned("stats_users", LIST, "", "Users allowed read-only SHOW commands on the admin console."),
     planned("server_fast_close", BOOL, "0", "Close session-mode servers quickly on RECONNECT."),
     planned("dns_max_ttl", SECONDS, "15", "DNS cache time."),
     planned("dns_nxdomain_ttl", SECONDS, "15", "DNS negative cache time."),
@@ -307,7 +316,6 @@ PLANNED_SETTINGS: list[Setting] = [
     planned("server_tls13_ciphers", STR, "", "TLS 1.3 suites towards servers."),
     planned("pkt_buf", INT, "4096", "Internal buffer size (pgrelay sizes its buffers itself).", reload=False),
     planned("sbuf_loopcnt", INT, "5", "Fairness loop count (pgrelay does not need it)."),
-    planned("so_reuseport", BOOL, "0", "SO_REUSEPORT on the listening sockets.", reload=False),
 ]
 
 

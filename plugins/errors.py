@@ -34,9 +34,7 @@ MESSAGES: dict[str, Message] = {
         "53300", "{user_clients} clients of user {user} are connected: raise max_user_client_connections "
                  "on its [users] line or globally."),
     "query_wait_timeout": Message(
-        "57014", "Waited {waited:.0f} s for a server of pool {pool}: {servers} of {size} servers open, {busy} busy, "
-                 "{waiting} clients waiting. Raise default_pool_size (or max_db_connections / max_user_connections "
-                 "if a cap is reached), or make transactions shorter."),
+        "57014", "Waited {waited:.0f} s for a server of pool {pool}: {pool_state}"),
     "query_timeout": Message(
         "57014", "Waited longer than query_timeout ({query_timeout:.0f} s) for a server of pool {pool}."),
     "query timeout": Message("57014", "The query ran longer than query_timeout ({query_timeout:.0f} s)."),
@@ -62,7 +60,7 @@ def facts(relay, client) -> dict:
     config = relay.config
     out: dict = {"max_client_conn": config.max_client_conn, "clients": len(relay.clients),
                  "database": "?", "user": "?", "pool": "?", "size": "?", "servers": "?", "busy": "?",
-                 "waiting": "?", "waited": 0.0, "db_clients": "?", "user_clients": "?"}
+                 "waiting": "?", "waited": 0.0, "db_clients": "?", "user_clients": "?", "pool_state": "?"}
     route = client.route if client is not None else None
     for name in ("query_timeout", "transaction_timeout", "idle_transaction_timeout", "client_idle_timeout"):
         value = getattr(route, name, None) if route is not None else None
@@ -81,6 +79,12 @@ def facts(relay, client) -> dict:
                    busy=len(pool.servers) - len(pool.idle) - len(pool.used), waiting=len(pool.waiting))
         if client.wait_start:
             out["waited"] = time.monotonic() - client.wait_start
+        if getattr(pool, "paused", False):
+            out["pool_state"] = "the pool is paused (PAUSE or SIGUSR1 on pgrelay): RESUME it to go on."
+        else:
+            out["pool_state"] = (f"{out['servers']} of {out['size']} servers open, {out['busy']} busy, "
+                                 f"{out['waiting']} clients waiting. Raise default_pool_size (or max_db_connections "
+                                 "/ max_user_connections if a cap is reached), or make transactions shorter.")
     if route is not None and not route.reuse:
         out["too_many_clients"] = ("This port gives each client a server connection of its own: use the pooled "
                                    "port, or raise max_direct_connections.")

@@ -11,7 +11,7 @@ from pgrelay import hookspecs
 from pgrelay.relay import Relay
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SOURCES = sorted((ROOT / "pgrelay").glob("*.py")) + sorted((ROOT / "plugins").glob("*.py"))
+SOURCES = sorted((ROOT / "pgrelay").rglob("*.py")) + sorted((ROOT / "plugins").rglob("*.py"))
 
 HOOKS = {name: fn for name, fn in vars(hookspecs).items()
          if name.startswith("pgrelay_") and hasattr(fn, "pgrelay_spec")}
@@ -21,11 +21,15 @@ FIRSTRESULT = {name for name, fn in HOOKS.items() if fn.pgrelay_spec.get("firstr
 KNOWN_FIRSTRESULT = {
     "pgrelay_choose_auth_method", "pgrelay_get_credentials", "pgrelay_check_password", "pgrelay_find_database",
     "pgrelay_route_client", "pgrelay_choose_host", "pgrelay_check_client_limits", "pgrelay_translate_error",
+    "pgrelay_virtual_database", "pgrelay_sentry_event",
 }
 KNOWN_NOTIFICATIONS = {
     "pgrelay_add_settings", "pgrelay_configure", "pgrelay_reload", "pgrelay_startup", "pgrelay_shutdown",
     "pgrelay_client_connected", "pgrelay_client_disconnected", "pgrelay_server_connected",
-    "pgrelay_server_disconnected", "pgrelay_report_stats",
+    "pgrelay_server_disconnected", "pgrelay_report_stats", "pgrelay_reloading", "pgrelay_reload_failed",
+    "pgrelay_admin_commands",
+    "pgrelay_server_login_failed", "pgrelay_auth_failed", "pgrelay_host_changed",
+    "pgrelay_internal_error",
 }
 
 
