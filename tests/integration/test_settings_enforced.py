@@ -157,7 +157,7 @@ def test_log_stats_off_silences_stats_lines(make_relay):
     assert " stats: " not in relay.log()
     # Control: the same traffic with log_stats on gives stats lines.
     reconfigure(relay, log_stats=1)
-    wait_until(lambda: run_query(relay) and " stats: postgres/postgres:" in relay.log(), timeout=5, interval=0.2,
+    wait_until(lambda: run_query(relay) and " LOG stats: " in relay.log(), timeout=5, interval=0.2,
                message="a stats line once log_stats is on")
 
 
@@ -187,7 +187,7 @@ def test_verbose_logs_debug_lines(make_relay, pg):
     run_query(relay, dbname="template1")  # a new pool, so a new server connection
     wait_until(lambda: "DEBUG" in relay.log(), message="a DEBUG line")
     line = next(line for line in relay.log().splitlines() if " DEBUG " in line)
-    assert f"template1/postgres@127.0.0.1:{pg.port} new connection to server" in line, line
+    assert f"template1/postgres@127.0.0.1:{pg.port} launching new connection to server" in line, line
 
 
 def test_listen_addr_and_listener_addr(make_relay):

@@ -10,24 +10,17 @@ import time
 import psycopg2
 import pytest
 
-from pgrelay import __version__
-from pgrelay.cli import split_args
+from pgrelay import __version__, version_string
+from pgrelay.cli import Options, UsageError, parse_command_line, split_args
 from pgrelay.plugins import BUILTIN_PLUGINS
 from pgrelay.plugins import make_plugin_manager
 from pgrelay.settings import core_registry
 from pgrelay.tempdb import free_port
 
-BUILTIN_HOOKS = {
-    "databases": "pgrelay_add_settings, pgrelay_configure, pgrelay_find_database",
-    "local_pooler": "pgrelay_add_settings, pgrelay_route_client",
-    "limits": "pgrelay_check_client_limits, pgrelay_client_disconnected",
-    "errors": "pgrelay_translate_error",
-    "auth": "pgrelay_add_settings, pgrelay_choose_auth_method, pgrelay_configure, pgrelay_get_credentials",
-    "usernames": "pgrelay_add_settings, pgrelay_parse_username",
-    "hosts": "pgrelay_add_settings, pgrelay_choose_host, pgrelay_configure",
-    "direct": "pgrelay_add_settings, pgrelay_route_client",
-    "dedicated_poolers": "pgrelay_add_settings, pgrelay_configure, pgrelay_route_client",
-}
+from .test_plugins import BUILTIN_HOOKS as PLUGIN_HOOKS
+
+# What --list-plugins prints for each built-in plugin (the table is tests/unit/test_plugins.py's).
+BUILTIN_HOOKS = {name: ", ".join(hooks) for name, hooks in PLUGIN_HOOKS.items()}
 
 
 def clean_env(**extra):
@@ -76,6 +69,50 @@ def test_split_args_errors():
         split_args(["-c"])
     with pytest.raises(SystemExit, match="unexpected argument 'b.ini'"):
         split_args(["a.ini", "b.ini"])
+
+
+# -- PgBouncer's switches ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,expected", [
+    (["p.ini"], Options(path="p.ini")),
+    (["-d", "p.ini"], Options(path="p.ini", daemon=True)),
+    (["--daemon", "--quiet", "p.ini"], Options(path="p.ini", daemon=True, quiet=True)),
+    (["-dq", "p.ini", "-v"], Options(path="p.ini", daemon=True, quiet=True, verbose=1)),
+    (["-vvv", "p.ini"], Options(path="p.ini", verbose=3)),
+    (["-v", "--verbose", "-v", "p.ini"], Options(path="p.ini", verbose=3)),
+    (["--verbose=2", "p.ini"], Options(path="p.ini", settings=["--verbose=2"])),
+    (["-u", "nobody", "p.ini"], Options(path="p.ini", user="nobody")),
+    (["-unobody", "p.ini"], Options(path="p.ini", user="nobody")),
+    (["-du", "nobody", "p.ini"], Options(path="p.ini", daemon=True, user="nobody")),
+    (["--user=nobody", "p.ini"], Options(path="p.ini", user="nobody")),
+    (["--user", "nobody", "-c", "p.ini"], Options(path="p.ini", user="nobody")),
+    (["p.ini", "--listen_port", "-1"], Options(path="p.ini", settings=["--listen_port", "-1"])),
+    (["--config=p.ini", "--pool_mode=session"], Options(path="p.ini", settings=["--pool_mode=session"])),
+    (["--list-plugins", "p.ini"], Options(path="p.ini", action="list-plugins")),
+    (["-V"], Options(action="version")),
+    (["--help", "-R"], Options(action="help")),
+    (["-d", "-h", "p.ini"], Options(daemon=True, action="help")),
+    (["--", "-p.ini"], Options(path="-p.ini")),
+])
+def test_parse_command_line(argv, expected):
+    assert parse_command_line(argv) == expected
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-R", "p.ini"], "pgrelay: invalid option -- 'R'"),
+    (["-dR", "p.ini"], "pgrelay: invalid option -- 'R'"),
+    (["--reboot", "p.ini"], "pgrelay: unrecognized option '--reboot'"),
+    (["-x"], "pgrelay: invalid option -- 'x'"),
+    (["p.ini", "-u"], "pgrelay: option requires an argument -- 'u'"),
+    (["p.ini", "--user"], "pgrelay: option '--user' requires an argument"),
+    (["--config"], "pgrelay: option '--config' requires an argument"),
+    (["-c"], "pgrelay: option requires an argument -- 'c'"),
+    (["a.ini", "b.ini"], "pgrelay: unexpected argument 'b.ini'"),
+])
+def test_parse_command_line_refusals(argv, message):
+    with pytest.raises(UsageError) as info:
+        parse_command_line(argv)
+    assert str(info.value) == message
 
 
 # -- --help, --version -------------------------------------------------------------------------
@@ -163,12 +200,37 @@ def test_help_and_list_plugins_include_installed_plugin(tmp_path, pg):
 
 def test_help_usage_line_not_doubled(help_text):
     assert help_text.startswith("usage: pgrelay [CONFIG_FILE | -c CONFIG_FILE]"), help_text[:80]
+    assert help_text.count("usage:") == 1
+
+
+def test_help_lists_pgbouncer_switches(help_text):
+    """PgBouncer's usage() lines, pgrelay's wording where it does more; -R is gone since 1.26."""
+    for line in ("  -d, --daemon         run in background (as a daemon); needs pidfile",
+                 "  -q, --quiet          run quietly (no log to stderr)",
+                 "  -u, --user=USERNAME  assume identity of USERNAME (after binding; the `user` setting)",
+                 "  -v, --verbose        increase verbosity (repeatable: -vv)",
+                 "  -V, --version        show version, then exit",
+                 "  -h, --help           show this help, then exit"):
+        assert line in help_text.splitlines(), line
+    assert "-R" not in help_text and "--reboot" not in help_text
+    assert pgrelay("-h", COLUMNS="2000").stdout == help_text
 
 
 def test_version():
-    for flag in ("--version", "-V"):
+    """PgBouncer's -V: the version string first (SHOW VERSION's answer too), then the libraries."""
+    import platform
+    import ssl
+
+    import gevent
+    expected = (f"pgrelay {__version__}\ngevent {gevent.__version__}\npython {platform.python_version()}\n"
+                f"tls: {ssl.OPENSSL_VERSION}\n")
+    assert version_string() == f"pgrelay {__version__}"
+    for flag in ("--version", "-V", "-qV"):
         result = pgrelay(flag)
-        assert (result.returncode, result.stdout, result.stderr) == (0, f"pgrelay {__version__}\n", "")
+        assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
+    # As getopt in PgBouncer: -V acts when reached, before a later bad switch or a missing file.
+    result = pgrelay("-V", "-R", "/nonexistent.ini")
+    assert (result.returncode, result.stdout) == (0, expected)
 
 
 # -- --list-plugins ----------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Process chores of PgBouncer's command line: the pidfile check, daemonizing (-d) and switching the
+Unix user (-u / user)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+
+from .errors import ConfigError
+
+log = logging.getLogger("pgrelay")
+
+
+def check_pidfile(path: str) -> None:
+    """Refuse to start if `path` names a running process; remove a stale one (PgBouncer's
+    check_pidfile)."""
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            text = f.read(128)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"could not open pidfile '{path}': {exc.strerror}") from None
+    try:
+        pid = int(text.strip() or "0")
+    except ValueError:
+        pid = 0
+    if pid > 0:
+        try:
+            os.kill(pid, 0)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:  # no such process: the pidfile is stale
+                log.info("stale pidfile, removing")
+                try:
+                    os.unlink(path)
+                except OSError as exc2:
+                    raise ConfigError(f"could not remove stale pidfile: {exc2.strerror}") from None
+                return
+    raise ConfigError(f"pidfile '{path}' exists, another instance running?")
+
+
+def daemonize() -> int:
+    """Detach as PgBouncer's go_daemon does: fork, setsid, fork again; stdin, stdout and stderr go
+    to /dev/null. Returns, in the daemon, the write end of a pipe whose reader is the original
+    process: `report_started` on it makes that process exit 0 (or 1 with the error message), so
+    `pgrelay -d` still reports a failure to start. The original process never returns."""
+    import gevent
+
+    read_fd, write_fd = os.pipe()
+    if gevent.fork() > 0:  # the original process: wait for the daemon's word, then exit
+        os.close(write_fd)
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        message = b"".join(chunks).decode(errors="replace")
+        if message == "ok":
+            os._exit(0)
+        sys.stderr.write(message or "pgrelay: error: the daemon exited during startup\n")
+        sys.stderr.flush()
+        os._exit(1)
+    os.close(read_fd)
+    os.setsid()
+    if gevent.fork() > 0:  # the session leader: its child must not be able to get a terminal
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    return write_fd
+
+
+def report_started(fd: int | None, error: str | None = None) -> None:
+    """Tell the process that ran `pgrelay -d` whether the daemon is up (see daemonize)."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"ok" if error is None else error.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def change_user(name: str) -> None:
+    """Become Unix user `name` (its uid, primary gid and supplementary groups), as PgBouncer's
+    -u / user does. A ConfigError says why it cannot."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"could not find user '{name}' to switch to") from None
+    if os.geteuid() == entry.pw_uid and os.getegid() == entry.pw_gid:
+        return  # already that user
+    _preload()
+    try:
+        os.initgroups(name, entry.pw_gid)
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as exc:
+        raise ConfigError(f"could not switch to user '{name}': {exc.strerror}") from None
+    log.info("switched to user %s (uid %d, gid %d)", name, entry.pw_uid, entry.pw_gid)
+    stdlib = os.path.dirname(os.__file__)
+    if not os.access(stdlib, os.R_OK | os.X_OK):
+        log.warning("user %s cannot read the Python installation (%s): what pgrelay or a plugin has not "
+                    "loaded yet cannot be loaded; install pgrelay where that user can read it", name, stdlib)
+
+
+def _preload() -> None:
+    """Load, while the installation is surely readable, what serving needs later: the modules
+    pgrelay imports on first use and gevent's resolver (the user switched to may not be able to
+    read the Python installation, e.g. one under /root)."""
+    import encodings.idna  # noqa: F401  (getaddrinfo of a host name)
+    import stringprep  # noqa: F401  (SCRAM's SASLprep)
+    import unicodedata  # noqa: F401
+
+    import gevent
+
+    from . import auth, client, client_auth, janitor, server, server_login  # noqa: F401
+    hub = gevent.get_hub()
+    hub.resolver  # noqa: B018  (imports and builds it)
+    hub.threadpool  # noqa: B018
