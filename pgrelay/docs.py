@@ -27,8 +27,8 @@ def full_registry() -> SettingsRegistry:
 
 
 def _rst(text: str) -> str:
-    """Plain text made safe for reStructuredText (a bare | starts a substitution)."""
-    return text.replace("|", "\\|")
+    """Plain text made safe for reStructuredText (a bare | starts a substitution, a * emphasis)."""
+    return text.replace("|", "\\|").replace("*", "\\*")
 
 
 def _entry(setting: Setting) -> list[str]:

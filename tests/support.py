@@ -73,6 +73,7 @@ class RelayProcess:
     def start(self, timeout: float = 20) -> "RelayProcess":
         self.write_ini()
         self._logf = open(self.log_path, "ab")
+        self.started_at = time.time()  # wall clock: PostgreSQL's backend_start of its servers is later
         self.proc = subprocess.Popen([sys.executable, "-m", "pgrelay", self.ini_path] + self.args,
                                      stdout=self._logf, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
@@ -291,3 +292,17 @@ def data_rows(msgs, encoding: str = "utf-8") -> list[list[str | None]]:
                     pos += size
             rows.append(values)
     return rows
+
+
+def stop_relays(started) -> None:
+    """Fixture teardown: stop the relays a test started and fail it if any logged an internal error."""
+    import pytest
+    problems = []
+    for relay in started:
+        if relay.alive():
+            relay.stop()
+        bugs = relay.bugs()
+        if bugs:
+            problems.append(f"{relay.name}: " + "\n".join(bugs[:10]))
+    if problems:
+        pytest.fail("pgrelay logged internal errors:\n" + "\n".join(problems), pytrace=False)

@@ -83,3 +83,14 @@ def test_every_refusal_of_the_message_table_is_in_the_readme_with_its_sqlstate()
         assert rows, message
         # the SQLSTATE is on the row's line, or on the line above for a two-line message cell
         assert any(f"``{entry.sqlstate}``" in lines[i] or f"``{entry.sqlstate}``" in lines[i - 1] for i in rows), message
+
+
+def test_readme_is_valid_restructuredtext():
+    """README.rst renders without a docutils warning (a stray * or _ silently mangles the manual)."""
+    import io
+
+    import docutils.core
+    warnings = io.StringIO()
+    docutils.core.publish_doctree(readme(), settings_overrides={"warning_stream": warnings, "report_level": 2,
+                                                                "halt_level": 5})
+    assert warnings.getvalue() == ""

@@ -140,3 +140,40 @@ def test_readme_commands_name_real_settings():
     variables = {name.lower() for name in re.findall(r"\bPGRELAY_([A-Z_]+)=", commands)}
     assert flags and variables
     assert flags <= set(settings) and variables <= set(settings), (flags, variables)
+
+
+def test_readme_console_commands_are_console_commands():
+    """Each `psql ... pgbouncer -c "CMD"` names a command the admin console has, in its grammar."""
+    import shlex
+
+    import pgrelay.admin  # noqa: F401  (registers the built-in commands)
+    from pgrelay.admin import console
+    from pgrelay.admin.commands import COMMANDS
+    commands = [shlex.split(line.split("  #")[0])[-1] for b in BLOCKS if b.kind == "console"
+                for line in b.text.splitlines() if line.strip()]
+    assert len(commands) >= 2
+    for text in commands:
+        assert console.parse(text).name in COMMANDS, text
+
+
+def test_readme_log_lines_are_what_pgrelay_writes():
+    """The README's log examples have the format pgrelay.logs produces (a record formatted now)."""
+    import logging
+
+    from pgrelay import logs
+    lines = [line for b in BLOCKS if b.kind == "log" for line in b.text.splitlines() if line.strip()]
+    assert lines
+    record = logging.LogRecord("pgrelay", logging.INFO, __file__, 1, "C-1: db/user@127.0.0.1:5000 login attempt",
+                               None, None)
+    assert readme.LOG_LINE.match(logs.TextFormatter().format(record))
+    for line in lines:
+        assert readme.LOG_LINE.match(line), line
+
+
+def test_readme_json_log_lines_parse():
+    import json
+    lines = [line for b in BLOCKS if b.kind == "json" for line in b.text.splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        entry = json.loads(line)
+        assert {"time", "level", "pid", "message"} <= set(entry), line

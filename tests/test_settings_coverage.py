@@ -61,6 +61,23 @@ def lim(name: str) -> str:
 
 
 ENFORCED_BY: dict[str, list[str]] = {
+    # -- operations (issue 9): the admin console, logging, the command line, rolling restarts
+    "admin_users": ["tests/integration/test_admin_console.py::test_admin_and_stats_users_and_everyone_else"],
+    "stats_users": ["tests/integration/test_admin_console.py::test_admin_and_stats_users_and_everyone_else"],
+    "log_format": ["tests/integration/test_logging.py::test_json_log_lines"],
+    "syslog": ["tests/integration/test_logging.py::test_syslog_off_sends_nothing",
+               "tests/integration/test_logging.py::test_syslog_lines_carry_ident_and_facility"],
+    "syslog_ident": ["tests/integration/test_logging.py::test_syslog_lines_carry_ident_and_facility"],
+    "syslog_facility": ["tests/integration/test_logging.py::test_syslog_lines_carry_ident_and_facility"],
+    "user": ["tests/integration/test_command_line.py::test_user_switch_to_an_unprivileged_user"],
+    "metrics_listen": ["tests/integration/test_metrics.py::test_metrics_served_only_at_metrics_path_and_stopped_at_shutdown"],
+    "sentry_dsn": ["tests/plugins/test_sentry.py::test_dsn_setting_reports_with_environment_release_and_defaults",
+                   "tests/plugins/test_sentry.py::test_dsn_from_sentry_dsn_environment_variable"],
+    "sentry_environment": ["tests/plugins/test_sentry.py::test_dsn_setting_reports_with_environment_release_and_defaults"],
+    "sentry_release": ["tests/plugins/test_sentry.py::test_dsn_setting_reports_with_environment_release_and_defaults"],
+    "sentry_sample_rate": ["tests/plugins/test_sentry.py::test_sample_rate"],
+    "sentry_event_window": ["tests/plugins/test_sentry.py::test_repeats_within_the_window_become_one_event_with_a_count"],
+    "so_reuseport": ["tests/integration/test_rolling_restart.py::test_rolling_restart_with_so_reuseport_loses_no_transaction"],
     # -- caps shared across pools, client caps, the reserve pool (issue 8)
     "max_db_connections": [lim("test_max_db_connections_is_shared_by_users_ports_and_poolers_and_clients_queue"),
                            lim("test_thundering_herd_never_exceeds_max_db_connections")],

@@ -18,7 +18,7 @@ from pgrelay.config import parse_connstr, read_ini
 from pgrelay.tempdb import free_port
 
 from .. import readme
-from ..support import RelayProcess
+from ..support import RelayProcess, stop_relays
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -48,14 +48,7 @@ def start(tmp_path_factory):
 
     factory.workdir = workdir
     yield factory
-    problems = []
-    for relay in started:
-        if relay.alive():
-            relay.stop()
-        if relay.bugs():
-            problems.append(f"{relay.name}: " + "\n".join(relay.bugs()[:10]))
-    if problems:
-        pytest.fail("pgrelay logged internal errors:\n" + "\n".join(problems), pytrace=False)
+    stop_relays(started)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,18 @@ BUILTIN_HOOKS = {
     "hosts": ["pgrelay_add_settings", "pgrelay_choose_host", "pgrelay_configure"],
     "direct": ["pgrelay_add_settings", "pgrelay_route_client"],
     "dedicated_poolers": ["pgrelay_add_settings", "pgrelay_configure", "pgrelay_route_client"],
+    "admin": ["pgrelay_add_settings", "pgrelay_configure", "pgrelay_report_stats", "pgrelay_virtual_database"],
+    "metrics": ["pgrelay_add_settings", "pgrelay_auth_failed", "pgrelay_configure", "pgrelay_reload",
+                "pgrelay_shutdown", "pgrelay_startup"],
+    "sentry": ["pgrelay_add_settings", "pgrelay_auth_failed", "pgrelay_client_disconnected", "pgrelay_configure",
+               "pgrelay_host_changed", "pgrelay_internal_error", "pgrelay_reload", "pgrelay_server_disconnected",
+               "pgrelay_server_login_failed", "pgrelay_startup"],
+    "systemd": ["pgrelay_reload", "pgrelay_reload_failed", "pgrelay_reloading", "pgrelay_shutdown",
+                "pgrelay_startup"],
 }
+# The module of each built-in plugin: the admin console is a subpackage of pgrelay (a wing), the
+# others live in plugins/ (installed as pgrelay_plugins).
+BUILTIN_MODULES = {name: "pgrelay.admin" if name == "admin" else f"pgrelay_plugins.{name}" for name in BUILTIN_HOOKS}
 
 ROUTING_PLUGIN = '''
 from pgrelay import hookimpl, Reject, Route, HostAddr
@@ -76,19 +87,19 @@ def test_builtins_registered_in_order():
     pm = make_plugin_manager()
     assert names(pm) == list(BUILTIN_PLUGINS)
     assert BUILTIN_PLUGINS == ("databases", "local_pooler", "limits", "errors", "auth", "usernames", "hosts",
-                               "direct", "dedicated_poolers")
+                               "direct", "dedicated_poolers", "admin", "metrics", "sentry", "systemd")
     for name in BUILTIN_PLUGINS:
-        assert pm.get_plugin(name).__name__ == f"pgrelay_plugins.{name}"
+        assert pm.get_plugin(name).__name__ == BUILTIN_MODULES[name]
 
 
 def test_entry_points_are_exactly_the_builtins():
     """Packaging check: setup.cfg's [options.entry_points] pgrelay group as installed."""
     dist = importlib.metadata.distribution("pgrelay")
     eps = {ep.name: ep.value for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP}
-    assert eps == {name: f"pgrelay_plugins.{name}" for name in BUILTIN_PLUGINS}
+    assert eps == {name: BUILTIN_MODULES[name] for name in BUILTIN_PLUGINS}
     for ep in dist.entry_points:
         if ep.group == ENTRY_POINT_GROUP:
-            assert ep.load().__name__ == f"pgrelay_plugins.{ep.name}"
+            assert ep.load().__name__ == BUILTIN_MODULES[ep.name]
     console = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert console == {"pgrelay": "pgrelay.cli:main"}
 
