@@ -17,6 +17,9 @@ Whatever the keys, a relay sends at most MAX_EVENTS events a minute (the rest ar
 
 Sending never slows the relay: sentry-sdk queues events for its own background worker, a real OS
 thread (pgrelay does not monkey-patch threading), which does the HTTP; a full queue drops events.
+A send that fails (Sentry refusing or unreachable) backs the transport off, 1 s doubling up to
+60 s: while it is backed off or its queue is full, events are neither built nor queued, so a
+failing endpoint costs neither the event loop nor, through the GIL, the worker thread.
 
 Scrubbing: no local variables, request bodies, breadcrumbs or default PII are collected, and
 ``before_send`` replaces every known secret (passwords and hashes from auth_file, [databases]
@@ -33,6 +36,7 @@ import os
 import re
 import time
 import weakref
+from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,7 @@ import sentry_sdk
 from sentry_sdk.integrations.atexit import AtexitIntegration
 from sentry_sdk.integrations.dedupe import DedupeIntegration
 from sentry_sdk.integrations.excepthook import ExcepthookIntegration
+from sentry_sdk.transport import HttpTransport
 from sentry_sdk.utils import BadDsn, Dsn, event_from_exception
 
 from pgrelay import __version__, hookimpl
@@ -56,6 +61,8 @@ MAX_TAG = 200               # Sentry's limit for a tag value
 QUEUE_SIZE = 100            # events waiting for the worker thread; more are dropped, never waited for
 SHUTDOWN_TIMEOUT = 2.0      # seconds the exit waits for queued events
 MAX_EVENTS = 150            # events one relay sends per minute at most (more than the SDK's queue holds)
+BACKOFF_FIRST = 1.0         # seconds no event is sent after a failed send; doubles per failure in a row
+BACKOFF_MAX = 60.0
 TIMEOUT_REASONS = ("query_wait_timeout", "query_timeout")
 # Reasons of pgrelay_server_disconnected that mean a server was lost (not closed by pgrelay's choice).
 LOST_REASONS = ("server read failed", "server write failed", "server closed connection", "server protocol violation",
@@ -122,6 +129,7 @@ class SentryState:
     budget_start: float = -60.0     # the minute MAX_EVENTS counts in
     budget_used: int = 0
     over_budget: int = 0
+    unsendable: int = 0             # events not built this minute: the transport backed off or full
 
 
 def state(relay) -> SentryState | None:
@@ -163,6 +171,48 @@ _active: Options | None = None      # what sentry_sdk.init last ran with in this
 _owner: Any = None                  # weakref to the relay whose settings those are
 
 
+class BackoffTransport(HttpTransport):
+    """sentry-sdk's HTTP transport without urllib3's retries, backing off after a failed send: for
+    BACKOFF_FIRST seconds, doubling with each failure in a row up to BACKOFF_MAX, the SDK's own
+    rate-limit mechanism drops envelopes before they are serialized. A refusing endpoint would
+    otherwise keep the worker thread busy (serializing, compressing, failing four times per event)
+    and, holding the GIL, make the event loop wait for it."""
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.backoff = 0.0
+
+    def _get_pool_options(self):
+        return {**super()._get_pool_options(), "retries": False}
+
+    def _send_request(self, body, headers, endpoint_type, envelope=None):
+        try:
+            super()._send_request(body, headers, endpoint_type, envelope)
+        except Exception as exc:
+            self.backoff = min(BACKOFF_MAX, self.backoff * 2 or BACKOFF_FIRST)
+            self._disabled_until[None] = datetime.now(timezone.utc) + timedelta(seconds=self.backoff)
+            _transport_failed(f"{type(exc).__name__}: {exc}")
+            raise
+        self.backoff = 0.0
+
+    def sendable(self) -> bool:
+        """Whether an event queued now would be sent: not backed off or rate-limited, queue not full."""
+        return self.is_healthy()
+
+
+_last_transport_log = -60.0
+
+
+def _transport_failed(text: str) -> None:
+    """One line in pgrelay's log at most once a minute, whatever fails in the worker thread."""
+    global _last_transport_log
+    now = time.monotonic()
+    if now - _last_transport_log < 60:
+        return
+    _last_transport_log = now
+    log.warning("sentry: could not send events: %s (not logged again for 60 s)", _clip(mask(text)))
+
+
 def apply(relay) -> None:
     """Initialize sentry-sdk for this relay's options, unless it already runs with them; a change
     re-initializes it, no DSN turns it off."""
@@ -189,6 +239,7 @@ def apply(relay) -> None:
         max_breadcrumbs=0, before_breadcrumb=lambda crumb, hint: None, attach_stacktrace=False,
         before_send=_before_send, before_send_transaction=lambda event, hint: None, traces_sample_rate=None,
         transport_queue_size=QUEUE_SIZE, shutdown_timeout=SHUTDOWN_TIMEOUT, send_client_reports=False,
+        transport=BackoffTransport,
     )
     _active = options
     log.info("sentry: reporting errors to %s (environment %s, release %s, sample rate %s)",
@@ -210,22 +261,16 @@ def privacy_options() -> dict:
 
 
 class _TransportLog(logging.Handler):
-    """What the HTTP library of sentry-sdk's worker thread says when Sentry cannot be reached (urllib3's
-    retry warnings): one line in pgrelay's log at most once a minute, instead of lines per event on
-    stderr. (The SDK's own error log stays silent unless it runs in debug mode.)"""
+    """What the HTTP library of sentry-sdk's worker thread says (urllib3's warnings): through
+    _transport_failed, not as lines per event on stderr. (The SDK's own error log stays silent
+    unless it runs in debug mode.)"""
 
     def __init__(self):
         super().__init__(logging.WARNING)
-        self.last = -60.0
 
     def emit(self, record: logging.LogRecord) -> None:
-        now = time.monotonic()
-        if now - self.last < 60:
-            return
-        self.last = now
         exc = record.exc_info[1] if record.exc_info else None
-        text = f"{type(exc).__name__}: {exc}" if exc is not None else record.getMessage()
-        log.warning("sentry: could not send events: %s (not logged again for 60 s)", _clip(mask(text)))
+        _transport_failed(f"{type(exc).__name__}: {exc}" if exc is not None else record.getMessage())
 
 
 def _quiet_sdk_log() -> None:
@@ -378,13 +423,21 @@ def _flush(relay, key: tuple, info: dict) -> None:
         _send(relay, build, count, info, st.window)
 
 
-def _within_budget(st: SentryState, now: float) -> bool:
+def _may_send(st: SentryState, now: float) -> bool:
     """At most MAX_EVENTS per minute leave a relay, whatever the keys: building an event costs the hub
-    a few milliseconds, and an endless variety of failures must not add up to a slower relay."""
+    a few milliseconds, and an endless variety of failures must not add up to a slower relay. Nor is
+    an event built while the transport could not send it. What was not sent is logged each minute."""
     if now - st.budget_start >= 60:
         if st.over_budget:
             log.warning("sentry: %d event(s) were not sent: more than %d in a minute", st.over_budget, MAX_EVENTS)
-        st.budget_start, st.budget_used, st.over_budget = now, 0, 0
+        if st.unsendable:
+            log.warning("sentry: %d event(s) were not sent: Sentry could not be reached or its queue was full",
+                        st.unsendable)
+        st.budget_start, st.budget_used, st.over_budget, st.unsendable = now, 0, 0, 0
+    transport = sentry_sdk.get_client().transport
+    if isinstance(transport, BackoffTransport) and not transport.sendable():
+        st.unsendable += 1
+        return False
     if st.budget_used >= MAX_EVENTS:
         st.over_budget += 1
         return False
@@ -393,7 +446,7 @@ def _within_budget(st: SentryState, now: float) -> bool:
 
 
 def _send(relay, build, count: int, info: dict, window: float) -> None:
-    if not _within_budget(state(relay), time.monotonic()):
+    if not _may_send(state(relay), time.monotonic()):
         return
     event, hint = build(count)
     event.setdefault("extra", {})

@@ -75,7 +75,7 @@ def parse_envelope(data: bytes) -> tuple[dict, list[tuple[dict, bytes]]]:
 class SentryReceiver:
     """``with SentryReceiver() as sentry:`` ... ``sentry.dsn`` ... ``sentry.wait_for_events(...)``."""
 
-    def __init__(self, key: str = "publickey", project: str = "1"):
+    def __init__(self, key: str = "publickey", project: str = "1", port: int = 0):
         self.key = key
         self.project = project
         self.envelopes: list[Envelope] = []
@@ -100,7 +100,7 @@ class SentryReceiver:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="sentry-receiver", daemon=True)

@@ -294,10 +294,7 @@ def _latencies(conn, n: int) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("endpoint", ["blackhole", pytest.param("refused", marks=pytest.mark.xfail(
-    reason="open defect (issue 9 note): with a refusing endpoint the p90 of SELECT 1 reaches ~9 ms against "
-           "~0.8 ms under load, intermittently; not yet found whether event capture or the sender thread "
-           "costs the event loop", strict=False))])
+@pytest.mark.parametrize("endpoint", ["blackhole", "refused"])
 def test_a_down_or_silent_sentry_endpoint_does_not_slow_queries(make_relay, tmp_path, refusing_pg, endpoint):
     with Blackhole() as hole:
         dsn = hole.dsn if endpoint == "blackhole" else refused_dsn()

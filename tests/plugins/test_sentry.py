@@ -227,6 +227,40 @@ def test_a_down_or_silent_endpoint_never_blocks_the_hub(tmp_path, kind):
         assert gap < 1.0, f"the hub was blocked for {gap:.3f}s"
 
 
+def test_a_failed_send_backs_off_and_events_are_not_built_until_it_ends(tmp_path):
+    """Refused: the transport backs off 1 s, then 2 s; events meanwhile are counted, not built or
+    queued. Sentry back: the next event after the backoff arrives and the backoff resets."""
+    dsn = refused_dsn()
+    port = int(dsn.rsplit(":", 1)[1].split("/")[0])
+    relay = started(tmp_path, "sentry_event_window = 0\n", dsn=dsn)
+    transport = sentry_sdk.get_client().transport
+    assert isinstance(transport, sentry.BackoffTransport)
+    boom(relay, "first", phase="first")
+    wait_for(lambda: transport.backoff == sentry.BACKOFF_FIRST, "the first failure to back off")
+    assert not transport.sendable()
+    for i in range(5):
+        boom(relay, f"during backoff {i}", phase=f"during{i}", settle=0)
+    assert sentry.state(relay).unsendable == 5
+    gevent.sleep(sentry.BACKOFF_FIRST + 0.2)
+    assert transport.sendable()
+    boom(relay, "second", phase="second")
+    wait_for(lambda: transport.backoff == 2 * sentry.BACKOFF_FIRST, "the second failure to double the backoff")
+    with SentryReceiver(port=port) as rx:
+        gevent.sleep(2 * sentry.BACKOFF_FIRST + 0.2)
+        boom(relay, "after", phase="after")
+        events = wait(rx)
+        assert [e["exception"]["values"][-1]["value"] for e in events] == ["after"]
+        wait_for(lambda: transport.backoff == 0.0, "a sent event to reset the backoff")
+    assert sentry.state(relay).unsendable == 5
+
+
+def wait_for(predicate, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        gevent.sleep(0.02)
+
+
 # -- scrubbing -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,secret", [
