@@ -149,6 +149,9 @@ def test_transaction_timeout_closes_a_long_transaction_and_spares_short_ones(mak
     while time.monotonic() < deadline:
         assert scalar(other, "SELECT 1") == 1
         time.sleep(0.05)
+    # A janitor tick (0.5 s) must see `other` between transactions: one that saw it mid-SELECT and
+    # none since would count the next transaction as begun then (back-to-back ones count as one).
+    time.sleep(0.6)
     other.autocommit = False  # and a short one that the janitor sees, long after its server was linked
     assert scalar(other, "SELECT 2") == 2
     time.sleep(0.7)
