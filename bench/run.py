@@ -39,6 +39,10 @@ TARGET_CPU_RATIO = 1.5        # pgrelay CPU per transaction <= 1.5 x PgBouncer's
 TARGET_IDLE_BYTES = 10 * 1024  # pgrelay RSS per idle client <= 10 KB
 TARGET_CLIENTS = 50
 TARGET_MODES = ("simple", "extended")
+# prepared-txn: pgbench -M prepared through the transaction-mode poolers (named statements renamed
+# per server, pgrelay.prepared; PgBouncer needs 1.21+ and max_prepared_statements for it).
+PREPARED_TXN = "prepared-txn"
+PGBOUNCER_PREPARED_VERSION = (1, 21)
 
 TARGETS = ("direct", "pgbouncer", "pgrelay")
 LABELS = {"direct": "direct", "pgbouncer": "PgBouncer", "pgrelay": "pgrelay"}
@@ -51,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, help="seconds per pgbench run (default 10; 3 with --quick)")
     parser.add_argument("--quick", action="store_true", help="3 s runs and 1000 idle clients")
     parser.add_argument("--clients", default="1,50,500", help="pgbench client counts (default 1,50,500)")
-    parser.add_argument("--modes", default="simple,extended,prepared",
-                        help="pgbench query modes (default simple,extended,prepared)")
+    parser.add_argument("--modes", default="simple,extended,prepared,prepared-txn",
+                        help="pgbench query modes (default simple,extended,prepared,prepared-txn; prepared-txn is "
+                             "-M prepared in transaction mode)")
     parser.add_argument("--idle-clients", type=int, help="idle clients per pooler for the memory test "
                                                           "(default 5000; 1000 with --quick)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
@@ -64,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in args.modes:
-        if mode not in ("simple", "extended", "prepared"):
+        if mode not in ("simple", "extended", "prepared", PREPARED_TXN):
             parser.error(f"unknown query mode {mode!r}")
     if max(args.clients) + 2 * POOL_SIZE + 10 > int(PG_SETTINGS["max_connections"]):
         parser.error(f"at most {int(PG_SETTINGS['max_connections']) - 2 * POOL_SIZE - 10} clients")
@@ -281,7 +286,7 @@ def parse_pgbench(output: str) -> Run:
 
 def run_pgbench(pgbench: str, port: int, mode: str, clients: int, duration: int,
                 pooler: Pooler | None) -> Run:
-    cmd = [pgbench, "-n", "-S", "-M", mode, "-c", str(clients), "-j", "2", "-T", str(duration),
+    cmd = [pgbench, "-n", "-S", "-M", "prepared" if mode == PREPARED_TXN else mode, "-c", str(clients), "-j", "2", "-T", str(duration),
            "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE]
     cpu_before = cpu_seconds(pooler.pid) if pooler else 0.0
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300)
@@ -332,6 +337,12 @@ class Bench:
         self.pgbouncer_bin = pgbouncer_bin
         self.transaction_poolers: dict[str, Pooler] = {}
 
+    def pgbouncer_prepares(self) -> bool:
+        """Whether this PgBouncer tracks named prepared statements in transaction mode (1.21+)."""
+        out = subprocess.run([self.pgbouncer_bin, "--version"], capture_output=True, text=True).stdout
+        found = re.search(r"PgBouncer (\d+)\.(\d+)", out)
+        return bool(found) and (int(found.group(1)), int(found.group(2))) >= PGBOUNCER_PREPARED_VERSION
+
     def pooler(self, kind: str, pool_mode: str, pool_size: int) -> Pooler:
         return Pooler(kind, pool_mode, pool_size, self.workdir, self.pg.port, self.pgbouncer_bin, self.pg.owner)
 
@@ -367,6 +378,8 @@ class Bench:
         cell = Cell(mode, clients, "session" if mode == "prepared" else "transaction")
         for round_ in range(1, ROUNDS + 1):
             for name in TARGETS:
+                if name == "pgbouncer" and mode == PREPARED_TXN and not self.pgbouncer_prepares():
+                    continue
                 wait_for_servers_to_leave(self.pg, 2 * POOL_SIZE + 5)
                 with self.target(name, cell) as (port, pooler):
                     run = run_pgbench(self.pgbench, port, mode, clients, duration, pooler)
@@ -546,6 +559,11 @@ def check_targets(cells: list[Cell], memory: dict[str, IdleMemory]) -> list[tupl
                        fmt(tps, ".2f", "x"), None if tps is None else tps >= TARGET_TPS_RATIO))
         checks.append((f"CPU per transaction <= {TARGET_CPU_RATIO}x PgBouncer, {mode}, {TARGET_CLIENTS} clients",
                        fmt(cpu, ".2f", "x"), None if cpu is None else cpu <= TARGET_CPU_RATIO))
+    ours = {c.mode: c.best.get("pgrelay") for c in cells if c.clients == TARGET_CLIENTS}
+    prepared, extended = ours.get(PREPARED_TXN), ours.get("extended")
+    ratio = prepared.tps / extended.tps if prepared and extended and extended.tps else None
+    checks.append((f"pgrelay -M prepared tps >= -M extended tps, {TARGET_CLIENTS} clients, transaction mode",
+                   fmt(ratio, ".2f", "x"), None if ratio is None else ratio >= 1.0))
     idle = memory.get("pgrelay")
     per_client = idle.per_client if idle else None
     checks.append((f"RSS per idle client <= {TARGET_IDLE_BYTES // 1024} KB ({TARGET_IDLE_BYTES} bytes)",
@@ -568,6 +586,9 @@ def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory:
         f"warmed up by an unmeasured {WARMUP_SECONDS} s pgbench run first.",
         f"Each cell ran {ROUNDS} rounds, targets interleaved (direct, PgBouncer, pgrelay); the best tps of each target "
         f"is kept (with its CPU) because the machine is shared and noisy.",
+        f"{PREPARED_TXN}: -M prepared through the transaction-mode poolers (pgrelay renames named statements per "
+        f"server, max_prepared_statements=200; PgBouncer is left out below version "
+        f"{'.'.join(map(str, PGBOUNCER_PREPARED_VERSION))}, which cannot run it).",
         "CPU s/10k tx: the pooler process's utime+stime during the run per 10,000 transactions.",
         "",
         throughput_table(cells),

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from gevent import Timeout
 
-from . import logs, protocol, virtual
-from .errors import (FEATURE_NOT_SUPPORTED, QUERY_CANCELED, ClientGone, LoginTimeout, PgRelayError, ProtocolViolation,
+from . import keys, login_link, logs, notify, prepared, protocol, recovery, session_state, virtual
+from .errors import (QUERY_CANCELED, ClientGone, LoginTimeout, PgRelayError, ProtocolViolation,
                      Reject, RejectError)
 from .peer import Peer
 from .pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, CLIENT_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT,
@@ -32,13 +32,16 @@ log = logging.getLogger("pgrelay.client")
 _ids = itertools.count(1)
 _unpack = protocol._I32.unpack_from
 _II = protocol._I32I32.unpack_from
-_CLASS = protocol.FRONTEND_CLASS
+# protocol.FRONTEND_CLASS, with Parse/Bind/Describe/Close (class 1) apart as 4: only they may name a
+# statement (pgrelay.prepared), so Execute keeps its one compare.
+_CLASS = bytes(4 if t in b"PBDC" else c for t, c in enumerate(protocol.FRONTEND_CLASS))
 _X = 88
 # PostgreSQL refuses any message above 1 GiB, so no longer one can be valid.
 PG_MAX_MESSAGE = 0x40000000
 # Bytes a queued client may send before pgrelay stops reading it (one read's worth, as PgBouncer
 # holds one packet buffer); the rest waits in the kernel until a server is linked.
 QUEUED_INPUT_LIMIT = RECV_SIZE
+_LISTEN_TRIGGER = notify.TRIGGER
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
@@ -49,7 +52,9 @@ class ClientConnection(Peer):
                  "user", "database", "params", "pvals", "key", "skip", "carry", "open_batch", "pending", "pending_queries",
                  "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
                  "close_reason", "spec", "limits", "leaving", "term_queries", "cancel_server", "touched",
-                 "quiet_since", "xact_start", "virtual", "query_start", "txn_start", "decided_by", "__weakref__")
+                 "quiet_since", "xact_start", "virtual", "query_start", "txn_start", "decided_by", "protocol", "welcoming",
+                 "listen", "extras", "baseline", "baseline_raw", "sstate", "pinned_by", "watch", "ps", "prep",
+                 "__weakref__")
 
     def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener"):
         self.relay = relay
@@ -68,7 +73,7 @@ class ClientConnection(Peer):
         self.key = b""
         self.skip = 0                # bytes of the current message that lie beyond the last buffer
         self.carry = b""             # a split message header, awaiting more bytes
-        self.open_batch = False      # extended-protocol messages sent since the last Sync
+        self.open_batch = 0          # extended-protocol messages sent since the last Sync
         self.pending = bytearray()   # bytes read while queued for a server (QUEUED_INPUT_LIMIT)
         self.pending_queries = 0
         self.leaving = False         # sent Terminate; stays until what came before it is with a server
@@ -91,6 +96,17 @@ class ClientConnection(Peer):
         self.spec = None             # the user name taken apart (role, cluster, suffix)
         self.limits: tuple = ()      # client limits this client counts against
         self.virtual = None          # the VirtualDatabase serving it (pgrelay.virtual), if any
+        self.protocol = 0            # minor version of protocol 3 it speaks (keys.negotiate)
+        self.welcoming = None        # session pooling: set once its own server is ready (login_link)
+        self.listen = None           # its LISTEN channels and held notifications (pgrelay.notify), if any
+        self.extras: tuple = ()      # session-set parameters beyond the tracked ones, sorted (pgrelay.session_state)
+        self.baseline: dict = {}     # its startup parameters among them (RESET goes back to these)
+        self.baseline_raw = False    # baseline still in the client's spelling, not yet the server's
+        self.sstate = 0              # session_state bits: PROBE, CANDIDATE, PINNED (0: nothing to do)
+        self.pinned_by = ""          # what pins it to its server (session_state = pin)
+        self.watch = None            # True: transaction/statement pooling, the text is searched (session_state)
+        self.ps = None               # its named prepared statements, once it sent one (pgrelay.prepared)
+        self.prep = False            # max_prepared_statements applies (transaction/statement pooling)
 
     def __repr__(self) -> str:
         return f"C-{self.id}"
@@ -144,8 +160,20 @@ class ClientConnection(Peer):
                     if refusal is not None:
                         raise RejectError(refusal)
                     self.pool = relay.get_pool(decision, self)
+                    if login_link.wanted(self):
+                        login_link.before_servers(self)
                     welcome = self.pool.wait_welcome()
-                    self._welcome(welcome)
+                    if not login_link.wanted(self):
+                        if self.baseline and not session_state.validate(self, welcome):
+                            return  # a startup parameter PostgreSQL refused: its FATAL was sent
+                        self._welcome(welcome)
+            if login_link.wanted(self):
+                # Session pooling, direct ports: the client's own server first, so that the welcome
+                # carries its pid and values; the wait is a queued client's (query_wait_timeout).
+                server = login_link.take_server(self, welcome)
+                if server is None:
+                    return
+                self._welcome(list(server.params.items()), server)
         except (ClientGone, OSError) as exc:
             self.disconnect(f"client unexpected eof during login ({exc})" if not isinstance(exc, OSError)
                             else "client unexpected eof during login")
@@ -165,13 +193,15 @@ class ClientConnection(Peer):
             relay.client_connected(self)
             virtual.serve(self, self.virtual)
             return
-        change_client_state(self, CL_IDLE)
+        if self.server is None:
+            change_client_state(self, CL_IDLE)
+        self.prep = prepared.enabled(self)
         self.quiet_since = time.monotonic()
         relay.client_connected(self)
         if self.stream.rbuf:  # bytes the client pipelined after its startup packet
             data, self.stream.rbuf = self.stream.rbuf, b""
             self._handle_safely(data)
-        if self.state == CL_IDLE:
+        if self.state == CL_IDLE or self.state == CL_ACTIVE:
             self.start_reading()
 
     def _read_startup(self) -> list[tuple[str, str]] | None:
@@ -181,12 +211,18 @@ class ClientConnection(Peer):
         if tls.enabled and stream.peek_byte() == 0x16:
             self._start_tls(direct=True)  # libpq 17+ sslnegotiation=direct: a ClientHello first
         while True:
-            header = stream.read_exact(8)
+            head = stream.read_exact(4)
+            if head == b"X\x00\x00\x00":
+                # A Terminate before any StartupMessage (node-postgres closing early): PostgreSQL
+                # reads it as a bad length, logs it and closes without a word.
+                self.disconnect("client sent Terminate before the startup packet")
+                return None
+            header = head + stream.read_exact(4)
             length, code = _II(header, 0)
             if code == protocol.CANCEL_REQUEST_CODE:
-                if length != 16:
+                if not keys.CANCEL_HEADER < length <= keys.CANCEL_HEADER + keys.MAX_SECRET:
                     raise ProtocolViolation(f"bad packet header: cancel request of length {length}")
-                forwarding = self.relay.cancel(stream.read_exact(8))
+                forwarding = self.relay.cancel(stream.read_exact(length - 8))
                 if forwarding is not None:
                     # As PostgreSQL: the cancel connection closes once the cancel has been
                     # delivered, so a client that waits for the close never races its own cancel.
@@ -209,21 +245,16 @@ class ClientConnection(Peer):
                 continue
             if length < 8 or length > protocol.MAX_STARTUP_PACKET:
                 raise ProtocolViolation(f"bad packet header: startup packet length {length}")
-            major, minor = code >> 16, code & 0xFFFF
-            if major != 3:
-                if major < 3:
-                    raise RejectError(Reject("old V2 protocol not supported", FEATURE_NOT_SUPPORTED))
-                raise RejectError(Reject(f"unsupported frontend protocol {major}.{minor}: "
-                                         "server supports 3.0", FEATURE_NOT_SUPPORTED))
+            keys.check_version(code)
             body = header[4:] + stream.read_exact(length - 8)
             try:
                 pairs = protocol.parse_startup_params(body)
             except ValueError as exc:
                 raise ProtocolViolation(f"bad startup packet: {exc}") from None
-            unknown_opts = [k for k, _ in pairs if k.startswith("_pq_.")]
-            if minor > 0 or unknown_opts:
-                stream.sendall(protocol.negotiate_protocol_version(0, unknown_opts))
-            return [(k, v) for k, v in pairs if not k.startswith("_pq_.")]
+            self.protocol, reply, pairs = keys.negotiate(code, pairs)  # 3.0 to 3.2, as PostgreSQL 18
+            if reply:
+                stream.sendall(reply)
+            return pairs
 
     def _start_tls(self, direct: bool) -> None:
         stream = self.stream
@@ -255,13 +286,15 @@ class ClientConnection(Peer):
                     if name.lower() in tracked:
                         params[relay.tracked[tracked[name.lower()]]] = val
                     elif name.lower() not in ignore:
-                        raise RejectError(Reject(f"unsupported startup parameter in options: {name}"))
+                        params[name.lower()] = val  # applied with SET batches (pgrelay.session_state)
             elif lower in tracked:
                 params[relay.tracked[tracked[lower]]] = value
             elif lower in ignore:
                 continue
-            else:
+            elif lower == "replication":
                 raise RejectError(Reject(f"unsupported startup parameter: {key}"))
+            else:
+                params[lower] = value  # any other parameter: applied with SET batches (pgrelay.session_state)
         if not self.user:
             raise RejectError(Reject("no username supplied", "08P01"))
         if not self.database:
@@ -270,13 +303,19 @@ class ClientConnection(Peer):
             name = params.get("application_name", "")
             params["application_name"] = f"{name} - {self.peer}"
         self.params = params
+        if not direct:
+            session_state.startup(self)
         return Login(client_id=self.id, listener=self.listener, peer=self.peer, user=self.user,
                      database=self.database, params=dict(params), tls=self.tls)
 
-    def _welcome(self, server_params: list[tuple[str, str]]) -> None:
+    def _welcome(self, server_params: list[tuple[str, str]], server: "ServerConnection | None" = None) -> None:
+        """AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery. With the client's own
+        `server` (login_link), its values are the server's as it reports them, and its key the
+        server's pid (keys.issue); else the pool's first server's values with the client's own."""
         relay = self.relay
         defaults = dict(server_params)
         self.pvals = relay.tracked_values(defaults, self.params)
+        session_state.welcome(self, defaults)
         tracked = relay.tracked_index
         out = [protocol.AUTH_OK]
         notice = relay.config.login_notify_message
@@ -284,10 +323,12 @@ class ClientConnection(Peer):
             out.append(protocol.error_response("NOTICE", "00000", notice, kind=b"N"))
         for name, value in server_params:
             index = tracked.get(name.lower())
-            if index is not None and self.pvals[index] is not None:
+            if server is None and index is not None and self.pvals[index] is not None:
                 value = self.pvals[index]
+            elif server is None and self.baseline and name.lower() in self.baseline:  # reported, not tracked
+                value = self.baseline[name.lower()]
             out.append(protocol.parameter_status(name, value))
-        self.key = relay.register_client(self)
+        self.key = keys.issue(self, server)
         out.append(protocol.backend_key_data(self.key))
         out.append(protocol.READY_IDLE)
         self.stream.sendall(b"".join(out))
@@ -325,13 +366,24 @@ class ClientConnection(Peer):
     def _handle(self, data: bytes) -> None:
         """Hot path: scan headers, take a server if none is linked, forward the buffer as it came."""
         self.touched = True
+        if self.watch is not None:  # transaction pooling: text a CommandComplete tag cannot show (session_state)
+            low = data.lower()
+            if b"advisory" in low or b"set_config" in low or b"temp" in low:
+                session_state.text_seen(self, data)
         n = len(data)
         skip = self.skip
         if skip >= n and not self.carry:
             self.skip = skip - n
             queries = 0
         else:
-            queries = self._scan(data)
+            if self.ps is not None:  # it sent a named statement: whole messages, renamed (pgrelay.prepared)
+                prepared.client_data(self, data)
+                return
+            try:
+                queries = self._scan(data)
+            except prepared.Named as named:
+                prepared.enter(self, data, named.at, named.queries)
+                return
             if queries < 0:  # Terminate: what came before it is run, then the client leaves
                 self._terminate(data[:-queries - 1])
                 return
@@ -351,6 +403,9 @@ class ClientConnection(Peer):
                 if len(pending) >= QUEUED_INPUT_LIMIT:
                     self.stop_reading()  # the rest waits in the kernel; gone() notices a close
                 return
+            if queries == 1 and data[0] == 81 and len(data) > 5 and _LISTEN_TRIGGER[data[5]] and pool.mode \
+                    and notify.intercept(self, data):
+                return  # LISTEN/UNLISTEN, served by the pool's listening server (pgrelay.notify)
             owned = self.cancel_server
             if owned is not None:  # our own server, withheld from others while our cancel runs
                 self.cancel_server = None
@@ -361,7 +416,8 @@ class ClientConnection(Peer):
             idle = pool.idle
             if idle and not pool.waiting:
                 server = idle[pool.take]  # -1: LIFO; 0: server_round_robin
-                if server.pvals is not self.pvals and server.pvals != self.pvals:
+                if server.pvals is not self.pvals and server.pvals != self.pvals \
+                        or server.extras is not self.extras and server.extras != self.extras:
                     self.deliver(server, data, queries)
                     return
                 link(self, server)
@@ -379,6 +435,8 @@ class ClientConnection(Peer):
             server.sync_queries += queries
             self.pool.stats.bytes_received += len(data)
             return
+        elif self.listen is not None and queries == 1 and data[0] == 81 and notify.linked(self, server, data):
+            return  # a LISTEN it has already (pgrelay.notify)
         server.expect += queries
         n = len(data)
         pool = self.pool
@@ -420,14 +478,23 @@ class ClientConnection(Peer):
         queries = 0
         open_batch = self.open_batch
         limit = self.max_length
+        prep = self.prep
         while pos + 5 <= n:
             kind = buf[pos]
             cls = _CLASS[kind]
             if cls == 2:
                 queries += 1
-                open_batch = False
+                open_batch = 0
             elif cls == 1:
-                open_batch = True
+                open_batch += 1
+            elif cls == 4:
+                # A named Parse/Bind/Describe/Close (its first body bytes) leaves the hot path.
+                if prep and (pos + 7 > n or (buf[pos + 5] if kind == 80 else (
+                        buf[pos + 5] or buf[pos + 6]) if kind == 66 else buf[pos + 5] == 83 and buf[pos + 6])):
+                    self.open_batch = open_batch
+                    self.skip = 0
+                    raise prepared.Named(pos - offset, queries)
+                open_batch += 1
             elif cls == 0:
                 self.open_batch = open_batch
                 if kind == _X:
@@ -450,6 +517,9 @@ class ClientConnection(Peer):
             pos += 1 + length
         self.open_batch = open_batch
         if pos < n:
+            if prep and buf[pos] in b"PBDC":  # its name is in the next read: prepared decides
+                self.skip = 0
+                raise prepared.Named(pos - offset, queries)
             self.carry = buf[pos:]
             self.skip = 0
         else:
@@ -500,12 +570,15 @@ class ClientConnection(Peer):
     def deliver(self, server: "ServerConnection", data: bytes, queries: int) -> None:
         """Link `server`, apply tracked parameters if they differ, then send `data`."""
         sql = None if server.pvals == self.pvals else self.relay.set_params_sql(self.pvals, server.pvals)
+        if server.extras != self.extras or self.baseline_raw:
+            sql = session_state.sync_sql(self, server, sql)
         if sql:
             link(self, server, SV_SYNC)
             self.pool.stats.bytes_received += len(data)
             server.begin_sync(self, sql, data, queries)
             return
         server.pvals = self.pvals
+        server.extras = self.extras
         link(self, server)
         server.expect += queries
         if data:
@@ -524,6 +597,11 @@ class ClientConnection(Peer):
             server.release_if_done()
 
     def start_reading(self) -> None:
+        if self.welcoming is not None:  # logging in: its server is ready, the welcome goes first (login_link)
+            self.welcoming.set()
+            return
+        if self.ps is not None and self.ps.inbuf:  # bytes held until a server was linked (pgrelay.prepared)
+            prepared.pump(self)
         rw = self.stream.rw
         if not rw.active and self.state in (CL_IDLE, CL_ACTIVE) and self.paused_by is None \
                 and not self.leaving and (self.server is None or self.server.state != SV_SYNC):
@@ -577,6 +655,8 @@ class ClientConnection(Peer):
             return
         relay = self.relay
         self.close_reason = reason
+        if self.welcoming is not None:  # its login greenlet waits for a server (login_link)
+            self.welcoming.set()
         if error is not None:
             if relay.config.log_pooler_errors and error.sqlstate != QUERY_CANCELED:
                 log.warning("%s pooler error: %s", self.label, error.message, extra=logs.fields(self))
@@ -591,6 +671,10 @@ class ClientConnection(Peer):
                 self.stream.try_send(data)
         server = self.server
         if server is not None:
+            if self.sstate or server.expect and self.pool.mode:
+                # pinned, flagged, or queries still running whose effect is unknown: the server is
+                # reset before anyone else gets it (pgrelay.session_state)
+                session_state.left(self, server)
             if server.is_clean() and self.at_boundary():
                 if server.pool.reuse:
                     server.pool.release(server)
@@ -600,9 +684,12 @@ class ClientConnection(Peer):
                 # Terminate after queries: they run to the end, as in PostgreSQL; the replies are
                 # read and dropped, then the server is reused or closed. A client that vanished
                 # without Terminate gets its server closed instead, as PgBouncer does (PostgreSQL
-                # finishes what it was running either way), so no large result is drained.
+                # finishes what it was running either way), so no large result is drained, unless
+                # server_rollback_timeout is set: then pgrelay.recovery drains it and rolls it back
+                # (only for a client that went away: after a refusal, e.g. a protocol violation,
+                # where the server's stream stands is not trusted, so the server is closed).
                 server.drain()
-            else:
+            elif error is not None or not recovery.abandon(server, self, reason):
                 server.close("client disconnect while server was not ready")
         if self.paused is not None:
             self.paused.paused_by = None
@@ -611,6 +698,8 @@ class ClientConnection(Peer):
         change_client_state(self, CL_CLOSED)
         self.pending = bytearray()
         self.stream.close()
+        if self.listen is not None:
+            notify.disconnected(self)
         relay.forget_client(self)
         if log_it and relay.config.log_disconnections:
             log.info("%s closing because: %s (age=%ds)", self.label, reason, time.monotonic() - self.connect_time,

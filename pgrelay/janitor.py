@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from . import protocol
+from . import protocol, recovery
 from .errors import Reject
 from .pool import CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, MODE_SESSION, SV_ACTIVE, SV_DRAIN
 
@@ -85,9 +85,14 @@ class Janitor:
             if pool.waiting:
                 self._queued(pool, now)
             self._reap_stalled_waiting(pool)
-            if config.server_drain_timeout:
+            if config.server_drain_timeout or config.server_rollback_timeout:
                 for server in list(pool.servers):
-                    if server.state == SV_DRAIN and now - server.drain_start > config.server_drain_timeout:
+                    if server.state != SV_DRAIN:
+                        continue
+                    if server.recovery is not None:  # rolling back after its client left
+                        if now - server.drain_start > config.server_rollback_timeout:
+                            recovery.fail(server, "server_rollback_timeout")
+                    elif config.server_drain_timeout and now - server.drain_start > config.server_drain_timeout:
                         server.close("server_drain_timeout")
             for server in list(pool.idle):
                 if config.server_idle_timeout and now - server.idle_since > config.server_idle_timeout \
@@ -189,8 +194,10 @@ class Janitor:
     @staticmethod
     def _close(client: "ClientConnection", server: "ServerConnection", reason: str) -> None:
         """PgBouncer's disconnect_server for a linked server: the server closes, then its client
-        gets the reason as FATAL (08P01) and closes too."""
-        server.close(reason)
+        gets the reason as FATAL (08P01) and closes too. A server with nothing running (idle in a
+        transaction) is rolled back and reused instead when server_rollback_timeout is set."""
+        if server.expect or not recovery.abandon(server, client, reason):
+            server.close(reason)
         client.disconnect(reason, Reject(reason))
 
     # -- queued clients -----------------------------------------------------------------------------
@@ -212,7 +219,8 @@ class Janitor:
                 client.disconnect("query_timeout", Reject("query_timeout"))
             elif wait_timeout and waited > wait_timeout:
                 client.disconnect("query_wait_timeout", Reject("query_wait_timeout"))
-            elif notify and waited > notify and client.id not in self.notified:
+            elif notify and waited > notify and client.id not in self.notified and client.welcoming is None:
+                # (a session client queued at login, login_link, has no AuthenticationOk yet: no NOTICE)
                 self.notified.add(client.id)
                 client.write(QUEUED_NOTICE)
 
@@ -294,23 +302,22 @@ class Janitor:
     def _log_stats(self, elapsed: float) -> None:
         """PgBouncer's stats line (src/stats.c refresh_stats): one line for the whole process every
         stats_period, with rates per second and average times in microseconds over the period
-        (wait: per server assignment). The parse and bind counts come from protocol-level prepared
-        statement tracking, which pgrelay does not do (max_prepared_statements is planned): they
-        are 0, as in PgBouncer with max_prepared_statements = 0."""
+        (wait: per server assignment). The parse and bind counts come from named prepared
+        statement tracking (pgrelay.prepared); 0 with max_prepared_statements = 0, as in PgBouncer."""
         totals: dict = {}
-        delta = [0.0] * 8
+        delta = [0.0] * 11
         for pool in list(self.relay.pools.values()):
             s = pool.stats
             now = (s.xact_count, s.query_count, s.bytes_received, s.bytes_sent, s.xact_time, s.query_time,
-                   s.wait_time, s.server_assignment_count)
+                   s.wait_time, s.server_assignment_count, s.client_parse_count, s.server_parse_count, s.bind_count)
             before = self.last_totals.get(pool, (0,) * len(now))  # a pool new in this period: from 0
             totals[pool] = now
             delta = [d + (a - b) for d, a, b in zip(delta, now, before, strict=True)]
         self.last_totals = totals  # pools freed since the last line are forgotten
-        xacts, queries, received, sent, xact_time, query_time, wait_time, assigned = delta
+        xacts, queries, received, sent, xact_time, query_time, wait_time, assigned, cparses, sparses, binds = delta
         rate = (lambda n: n / elapsed) if elapsed > 0 else (lambda n: 0)
         log.info("stats: %d xacts/s, %d queries/s, %d client parses/s, %d server parses/s, %d binds/s, "
                  "in %d B/s, out %d B/s, xact %d us, query %d us, wait %d us",
-                 rate(xacts), rate(queries), 0, 0, 0, rate(received), rate(sent),
+                 rate(xacts), rate(queries), rate(cparses), rate(sparses), rate(binds), rate(received), rate(sent),
                  xact_time * 1e6 / xacts if xacts else 0, query_time * 1e6 / queries if queries else 0,
                  wait_time * 1e6 / assigned if assigned else 0)

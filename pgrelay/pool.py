@@ -16,6 +16,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from .errors import CANNOT_CONNECT_NOW, Reject, ServerError
+from .keys import PROTOCOL_3_2
 from .routing import SESSION, STATEMENT, TRANSACTION, Route
 
 if TYPE_CHECKING:
@@ -60,13 +61,18 @@ class PoolStats:
 
     __slots__ = ("xact_count", "query_count", "server_assignment_count", "bytes_received", "bytes_sent",
                  "xact_time", "query_time", "wait_time", "server_logins", "server_login_failures",
-                 "wait_hist", "xact_hist", "query_hist")
+                 "wait_hist", "xact_hist", "query_hist", "server_rollbacks", "server_rollback_failures",
+                 "client_parse_count", "server_parse_count", "bind_count")
 
     def __init__(self):
         self.xact_count = self.query_count = self.server_assignment_count = 0
         self.bytes_received = self.bytes_sent = 0
         self.xact_time = self.query_time = self.wait_time = 0.0  # seconds
         self.server_logins = self.server_login_failures = 0
+        self.server_rollbacks = self.server_rollback_failures = 0  # pgrelay.recovery: reused / closed
+        # Named prepared statements (pgrelay.prepared): Parses from clients, Parses pgrelay sent to
+        # servers, Binds of named statements (PgBouncer 1.21's total_*_parse_count, total_bind_count).
+        self.client_parse_count = self.server_parse_count = self.bind_count = 0
         self.wait_hist = [0] * (len(DURATION_BUCKETS) + 1)
         self.xact_hist = [0] * (len(DURATION_BUCKETS) + 1)
         self.query_hist = [0] * (len(DURATION_BUCKETS) + 1)
@@ -120,6 +126,9 @@ class Pool:
         self.database = route.dbname  # the name its clients log in to (Relay.get_pool); PAUSE db etc.
         self.paused = False           # PAUSE/KILL (pgrelay/control.py): hands out and opens no server
         self.decided_by = ""          # the plugin whose pgrelay_route_client made its route (Relay.get_pool)
+        self.listening = None         # its listening server for LISTEN/NOTIFY (pgrelay.notify), once used
+        self.pinned = 0               # clients pinned to their server by session state (pgrelay.session_state)
+        self.server_protocol = PROTOCOL_3_2  # asked of its servers (a direct client's own, see login_link)
         self.configure(route)
 
     def configure(self, route: Route) -> None:
@@ -316,6 +325,9 @@ class Pool:
             unlink(client, server)
         if server.close_reason or not self.reuse:
             server.close(server.close_reason or "released direct connection")
+        elif server.extras is None:  # its session state is unknown (pgrelay.session_state): reset first
+            from .session_state import RESET_SQL
+            server.reset(RESET_SQL)
         elif self.reset_query:
             server.reset(self.reset_query)
         elif server.cancels:
@@ -359,6 +371,9 @@ def link(client: "ClientConnection", server: "ServerConnection", state: int = SV
 
 
 def unlink(client: "ClientConnection", server: "ServerConnection") -> None:
+    if server.pfilter:  # replies to named statements still owed (pgrelay.prepared)
+        from .prepared import unlinked
+        unlinked(server)
     server.client = None
     client.server = None
     if client.state == CL_ACTIVE:

@@ -63,18 +63,20 @@ def query(sql: str) -> bytes:
     return message(b"Q", cstr(sql))
 
 
-def negotiate_protocol_version(minor: int, unrecognized: list[str]) -> bytes:
-    body = _I32I32.pack(minor, len(unrecognized)) + b"".join(cstr(o) for o in unrecognized)
+def negotiate_protocol_version(version: int, unrecognized: list[str]) -> bytes:
+    """NegotiateProtocolVersion: the full version offered (196608 for 3.0), as PostgreSQL sends it."""
+    body = _I32I32.pack(version, len(unrecognized)) + b"".join(cstr(o) for o in unrecognized)
     return message(b"v", body)
 
 
-def startup_message(params: dict[str, str]) -> bytes:
-    body = pack_i32(PROTOCOL_3_0) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\x00"
+def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+    body = pack_i32(version) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\x00"
     return pack_i32(len(body) + 4) + body
 
 
 def cancel_request(key: bytes) -> bytes:
-    return _I32I32.pack(16, CANCEL_REQUEST_CODE) + key
+    """A CancelRequest for a BackendKeyData key (pid and secret; the secret is longer from 3.2)."""
+    return _I32I32.pack(8 + len(key), CANCEL_REQUEST_CODE) + key
 
 
 def password_message(data: bytes) -> bytes:

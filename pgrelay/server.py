@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import gevent
 from gevent import Timeout
 
-from . import logs, protocol, server_login
+from . import keys, logs, notify, prepared, protocol, recovery, server_login, session_state
 from .errors import CONNECTION_FAILURE, ProtocolViolation, Reject, ServerError
 from .peer import Peer
 from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN,
@@ -28,8 +29,10 @@ log = logging.getLogger("pgrelay.server")
 
 _ids = itertools.count(1)
 _unpack = protocol._I32.unpack_from
-_Z, _S, _E, _I = 90, 83, 69, 73
+_Z, _S, _E, _I, _C = 90, 83, 69, 73, 67
+_STATE_TAG = session_state.STATE_TAG
 _FATAL = (b"SFATAL", b"SPANIC")
+FATAL_PASSED = -2  # fatal_at: a FATAL went to a session-pooled client as it came (lost() adds nothing)
 MAX_SERVER_META_MESSAGE = 1 << 20  # ParameterStatus / ReadyForQuery bigger than this is a violation
 
 
@@ -39,8 +42,8 @@ class ServerConnection(Peer):
     __slots__ = ("relay", "pool", "id", "addr", "stream", "sock", "state", "client", "expect", "txstatus",
                  "skip", "carry", "pvals", "params", "key", "connect_time", "idle_since", "cancels",
                  "close_reason", "out", "paused", "paused_by", "swallow", "sync_data", "sync_queries",
-                 "sync_error", "limit_keys", "fatal_at", "fatal_message", "cancel_client", "drain_start",
-                 "__weakref__")
+                 "sync_error", "limit_keys", "fatal_at", "fatal_message", "cancel_client", "drain_start", "recovery",
+                 "extras", "probe", "ps", "pfilter", "__weakref__")
 
     def __init__(self, relay: "Relay", pool: "Pool"):
         self.relay = relay
@@ -74,6 +77,11 @@ class ServerConnection(Peer):
         self.sync_error: Reject | None = None
         self.cancel_client = None   # the client released while a cancel of its query was in flight
         self.drain_start = 0.0      # when the client left this server with replies owed (SV_DRAIN)
+        self.recovery = None        # its rollback after the client left mid-transaction (pgrelay.recovery)
+        self.extras: tuple = ()     # session-set parameters beyond the tracked ones (session_state; DIRTY: unknown)
+        self.probe = None           # pgrelay's session state query being read (session_state.swallow)
+        self.ps = None              # the prepared statements it has (pgrelay.prepared), once a client used one
+        self.pfilter = False        # replies pass through prepared.server_data (hidden/synthesized ones owed)
 
     def __repr__(self) -> str:
         return f"S-{self.id}"
@@ -95,13 +103,29 @@ class ServerConnection(Peer):
                 password = route.server_password
                 if password is None:
                     password = self.relay.server_password(route.server_user)
-                self.params, self.key = server_login.login(self.relay, self.stream, route.server_user, route.dbname,
-                                                           route.server_params, password)
+                version = self.pool.server_protocol
+                try:
+                    self.params, self.key = server_login.login(self.relay, self.stream, route.server_user,
+                                                               route.dbname, route.server_params, password, version)
+                except ServerError as exc:
+                    if not keys.refuses_version(exc, version):
+                        raise
+                    # A pooler older than NegotiateProtocolVersion (PgBouncer < 1.22) refuses 3.2:
+                    # its pool asks for 3.0 from now on, and this server logs in again.
+                    log.info("%s refused protocol 3.%d (%s): logging in with 3.0", logs.server_label(self),
+                             version & 0xFFFF, exc, extra=logs.fields(self))
+                    self.pool.server_protocol = protocol.PROTOCOL_3_0
+                    self.stream.close()
+                    self._choose_and_connect(route)
+                    self.sock = self.stream.sock
+                    self.params, self.key = server_login.login(self.relay, self.stream, route.server_user,
+                                                               route.dbname, route.server_params, password)
                 if route.connect_query:
                     try:
                         server_login.simple_query(self.stream, route.connect_query, self.params)
                     except ServerError as exc:
                         raise ServerError(f"connect_query failed: {exc}", exc.fields) from None
+                    session_state.after_connect_query(self)  # what it SET is this pool's default
         except ServerError as exc:
             log.warning("%s login failed: %s", logs.server_label(self), exc, extra=logs.fields(self))
             self._discard()
@@ -166,7 +190,10 @@ class ServerConnection(Peer):
             return
         try:
             if self.state == SV_ACTIVE:
-                self._relay(data)
+                if self.pfilter:
+                    prepared.server_data(self, data)
+                else:
+                    self._relay(data)
             elif self.state == SV_SYNC or self.state == SV_RESET or self.state == SV_TESTED:
                 self._swallow(data)
             elif self.state == SV_DRAIN:
@@ -194,6 +221,10 @@ class ServerConnection(Peer):
                 self._server_fatal(data, zs)
                 return
         client = self.client
+        if zs and client.listen is not None and client.listen.pending:
+            notify.ended(client, self, data, zs)  # UNLISTENs of its transaction apply if it committed
+        if zs and client.sstate and session_state.hold(self, client, data, zs):
+            return  # session state changed: the ReadyForQuery waits for pgrelay's probe (session_state)
         stats = client.pool.stats
         stats.bytes_sent += n  # PgBouncer's total_sent: what clients are sent
         if client.out is None:
@@ -214,6 +245,8 @@ class ServerConnection(Peer):
             expect = self.expect - zs
             self.expect = expect if expect > 0 else 0
             stats.query_count += zs
+            if client.listen is not None:  # notifications held for it go after this ReadyForQuery
+                notify.ready(client, self, data)
             if expect <= 0:
                 stats.end_round(client, self.txstatus == _I)
             if expect <= 0 and client.pool.mode:  # transaction or statement pooling
@@ -231,6 +264,9 @@ class ServerConnection(Peer):
         client = self.client
         if self.expect == 0 and self.txstatus == _I and self.out is None and not self.skip and not self.carry \
                 and client.out is None and not client.skip and not client.carry and not client.open_batch:
+            if client.sstate:  # session state seen, or pinned (pgrelay.session_state)
+                session_state.at_release(self, client)
+                return
             client.pool.release(self)
 
     def _server_fatal(self, data: bytes, zs: int) -> None:
@@ -275,12 +311,24 @@ class ServerConnection(Peer):
                 if end > n:
                     break
                 self._parameter_status(buf[pos + 5:end])
-            elif kind == _E and self.pool.mode:
-                # In transaction/statement pooling a server's FATAL (e.g. an administrator's shutdown)
-                # must not reach the client: its connection to pgrelay lives on (see _server_fatal).
+            elif kind == _C and (end > n or buf[pos + 7] in _STATE_TAG[buf[pos + 5]]) and self.pool.mode:
+                if end > n:  # a CommandComplete is small: read it whole
+                    break
+                session_state.tag_seen(self, bytes(buf[pos + 5:end]))  # SET, PREPARE, LISTEN, CREATE...
+            elif kind == _E:
+                # A server's FATAL (pg_terminate_backend, an administrator's shutdown). In session
+                # pooling it reaches the client as it came, and lost() sends nothing after it. In
+                # transaction/statement pooling it must not reach the client: its connection to
+                # pgrelay lives on (see _server_fatal).
                 if pos + 11 > n:
                     break
-                if buf[pos + 5:pos + 11] in _FATAL and pos >= offset:
+                if not self.pool.mode:
+                    if buf[pos + 5:pos + 11] in _FATAL:
+                        self.fatal_at = FATAL_PASSED
+                        if end <= n:
+                            fields = protocol.parse_fields(buf[pos + 5:end])
+                            self.close_reason = "server sent FATAL: " + fields.get("M", "connection terminated")
+                elif buf[pos + 5:pos + 11] in _FATAL and pos >= offset:
                     self.fatal_at = pos - offset
                     self.fatal_message = bytes(buf[pos:end]) if end <= n else b""
                     fields = protocol.parse_fields(buf[pos + 5:end]) if end <= n else {}
@@ -329,6 +377,8 @@ class ServerConnection(Peer):
 
     def reset(self, sql: str) -> None:
         """Run server_reset_query before the server goes back to the pool."""
+        if self.ps is not None:  # DISCARD ALL, DEALLOCATE ALL: what it had prepared may be gone
+            prepared.reset(self, sql)
         change_server_state(self, SV_RESET)
         self.swallow = bytearray()
         self.sync_error = None
@@ -336,6 +386,9 @@ class ServerConnection(Peer):
 
     def _swallow(self, data: bytes) -> None:
         """Read replies to pgrelay's own query whole; the client never sees them."""
+        if self.probe is not None:  # a session state query, whose rows are read (pgrelay.session_state)
+            session_state.swallow(self, data)
+            return
         buf = self.swallow
         buf += data
         if len(buf) > (1 << 24):
@@ -375,7 +428,9 @@ class ServerConnection(Peer):
         if self.state == SV_RESET:
             if error is not None or self.txstatus != _I:
                 self.close("server_reset_query failed")
-            elif self.cancels:
+                return
+            session_state.after_reset(self)  # DISCARD ALL / RESET ALL: the server's defaults again
+            if self.cancels:
                 change_server_state(self, SV_CANCEL_WAIT)
             else:
                 self.pool.give(self)
@@ -388,6 +443,7 @@ class ServerConnection(Peer):
                               if error is not None else Reject("invalid server parameter"))
             return
         self.pvals = client.pvals
+        self.extras = client.extras
         change_server_state(self, SV_ACTIVE)
         data, self.sync_data = self.sync_data, b""
         self.expect += self.sync_queries
@@ -416,6 +472,9 @@ class ServerConnection(Peer):
         self.finish_drain()
 
     def _drain(self, data: bytes) -> None:
+        if self.recovery is not None:
+            recovery.feed(self, data)
+            return
         zs = self._scan(data)
         if self.fatal_at >= 0:
             self.fatal_at = -1
@@ -428,8 +487,12 @@ class ServerConnection(Peer):
 
     def finish_drain(self) -> None:
         """Once nothing is owed either way: back to the pool if idle, else (inside a transaction,
-        or a direct connection) closed, which makes PostgreSQL roll back."""
-        if self.state != SV_DRAIN or self.expect or self.skip or self.carry or self.out is not None:
+        or a direct connection) closed, which makes PostgreSQL roll back, unless pgrelay.recovery
+        rolls it back for reuse (server_rollback_timeout)."""
+        if self.state != SV_DRAIN or self.expect or self.skip or self.carry or self.out is not None \
+                or self.recovery is not None:
+            return
+        if self.txstatus != _I and recovery.begin(self, "client left inside a transaction"):
             return
         if self.txstatus != _I or not self.pool.reuse:
             self.close("client left inside a transaction" if self.txstatus != _I else "direct client left")
@@ -478,10 +541,12 @@ class ServerConnection(Peer):
         """The server failed under us: close it and tell its client.
 
         In transaction and statement pooling, when nothing was cut mid-message, the client stays
-        connected: queries in flight each get an ERROR 08006 and ReadyForQuery, and a client whose
-        queries had all completed is simply back to idle; its next transaction gets another server
-        (e.g. after a failover). A client inside a transaction, or in session pooling, is
-        disconnected with PgBouncer's "server conn crashed?".
+        connected: queries in flight each get an ERROR and ReadyForQuery (the server's own SQLSTATE
+        and message when it sent a FATAL, e.g. 57P01; else 08006), and a client whose queries had
+        all completed is simply back to idle; its next transaction gets another server (e.g. after
+        a failover). A client inside a transaction, or in session pooling, is disconnected: with the
+        server's FATAL only when the server sent one, as PostgreSQL does, else with PgBouncer's
+        "server conn crashed?".
         """
         client = self.client
         expect, txstatus = self.expect, self.txstatus
@@ -493,20 +558,39 @@ class ServerConnection(Peer):
                 and (expect > 0 or txstatus == _I):
             change_client_state(client, CL_IDLE)
             if expect > 0:
-                client.fail_queries(Reject(f"server connection lost: {reason}", CONNECTION_FAILURE, severity="ERROR",
-                                           hint="The transaction was rolled back; retry it."), expect)
-        else:
-            if self.fatal_message:  # the server's own reason, as it came, before pgrelay's
+                # The server's own error when it sent one (57P01 for pg_terminate_backend), as an ERROR.
+                error = (replace(Reject.from_fields(protocol.parse_fields(self.fatal_message[5:])), severity="ERROR")
+                         if self.fatal_message else
+                         Reject(f"server connection lost: {reason}", CONNECTION_FAILURE, severity="ERROR",
+                                hint="The transaction was rolled back; retry it."))
+                client.fail_queries(error, expect)
+        elif self.fatal_message or self.fatal_at == FATAL_PASSED:
+            # The server said why (its FATAL, held back or passed on as it came): the client gets
+            # that and the close, as from PostgreSQL, and no second FATAL of pgrelay's.
+            if self.fatal_message:
                 client.write(self.fatal_message)
+            if client.out is not None:
+                try:
+                    client.sock.send(client.out)
+                except OSError:
+                    pass
+            client.disconnect(f"server closed the connection ({self.close_reason or reason})")
+        else:
             client.disconnect("server conn crashed?", Reject("server conn crashed?"))
 
     def close(self, reason: str) -> None:
         if self.state == SV_CLOSED:
             return
+        if self.recovery is not None:
+            reason = recovery.interrupted(self, reason)
+        if self.pfilter:
+            prepared.server_closed(self)
         client = self.client
         if client is not None:
             self.client = None
             client.server = None
+            if client.sstate:  # its pin (and what it pinned) ends with the server
+                session_state.left(client, None)
         if self.paused is not None:
             self.paused.paused_by = None
             self.paused.start_reading()

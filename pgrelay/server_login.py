@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from gevent import get_hub
 from gevent import socket as gsocket
 
-from . import protocol, sockopts
+from . import keys, protocol, sockopts
 from .auth import SCRAM_MECHANISM, SCRAM_PLUS_MECHANISM, ScramError, md5_from_secret, md5_password
 from .errors import ClientGone, ProtocolViolation, ServerError
 from .stream import Stream
@@ -114,16 +114,19 @@ def send(stream: Stream, data: bytes) -> None:
 
 
 def login(relay: "Relay", stream: Stream, user: str, dbname: str, extra: tuple[tuple[str, str], ...],
-          password: str | None) -> tuple[dict[str, str], bytes]:
+          password: str | None, version: int = protocol.PROTOCOL_3_0) -> tuple[dict[str, str], bytes]:
     """Send the StartupMessage and authenticate; returns (ParameterStatus values, BackendKeyData).
 
     `password` is a plaintext password, an md5 secret, or a SCRAM verifier (usable only with
     pass-through keys a client's SCRAM login left behind). Only `user`, `database` and the
     database definition's own parameters are sent: never anything a client asked for.
+    `version` is the protocol asked for: a server that speaks less (PostgreSQL before 18 for 3.2)
+    answers NegotiateProtocolVersion and the login goes on in the version it offers.
     """
     params = {"user": user, "database": dbname}
     params.update(extra)
-    send(stream, protocol.startup_message(params))
+    send(stream, protocol.startup_message(params, version))
+    minor = version & 0xFFFF
     scram = None
     server_params: dict[str, str] = {}
     key = b""
@@ -187,15 +190,21 @@ def login(relay: "Relay", stream: Stream, user: str, dbname: str, extra: tuple[t
                 raise ServerError("server sent a bad ParameterStatus") from None
             server_params[name] = value
         elif kind == 75:  # 'K'
-            if len(body) != 8:
-                raise ServerError("server sent a BackendKeyData of unexpected size")
-            key = body
+            try:
+                key = keys.server_key(body, minor)
+            except ValueError as exc:
+                raise ServerError(str(exc)) from None
         elif kind == 90:  # 'Z'
             return server_params, key
         elif kind == 69:  # 'E'
             fields = protocol.parse_fields(body)
             raise ServerError(fields.get("M", "server login failed"), fields)
-        elif kind in (78, 118):  # NoticeResponse, NegotiateProtocolVersion
+        elif kind == 118:  # NegotiateProtocolVersion: an older server, or options it does not know
+            try:
+                minor = keys.server_version(body, version)
+            except ValueError as exc:
+                raise ServerError(f"server sent a bad NegotiateProtocolVersion: {exc}") from None
+        elif kind == 78:  # NoticeResponse
             continue
         else:
             raise ServerError(f"server sent unexpected message {chr(kind)!r} during login")

@@ -253,11 +253,24 @@ CORE_SETTINGS: list[Setting] = [
     S("server_drain_timeout", SECONDS, "30", True,
       "A client left (e.g. Query + Terminate) while its server still owed replies: the queries run and "
       "the replies are dropped for up to this long, then the server is reused if idle, else closed; 0: no limit."),
+    S("server_rollback_timeout", SECONDS, "5", True,
+      "A client left inside a transaction (closed, killed, Terminate or a timeout) or with queries or a batch "
+      "unfinished: its server drains them, runs ROLLBACK and is reused if that finishes within this long, "
+      "else it is closed; 0: closed at once, as PgBouncer does."),
     S("max_packet_size", Int(4), "2147483647", True, "Largest message a client may send; longer ones are a protocol violation."),
+    S("max_prepared_statements", Int(0), "200", True, "Named protocol-level prepared statements kept per server in "
+      "transaction and statement pooling (LRU; 0: off, named statements pass through as in PgBouncer < 1.21)."),
+    S("notify_queue_size", Int(16384), "1048576", True,
+      "Transaction and statement pooling: bytes of LISTEN notifications pgrelay holds for one client (queued while "
+      "its server owes replies, or unsent because it does not read); a client past it is disconnected."),
     # Startup parameters
     S("ignore_startup_parameters", LIST, "", True, "Startup parameters accepted and dropped instead of refused."),
     S("track_extra_parameters", LIST, "IntervalStyle", False,
       "Server-reported parameters tracked per client and re-applied, beyond the built-in five."),
+    S("session_state", Enum("pin", "error", "allow"), "pin", True,
+      "Transaction and statement pooling: session state that cannot follow a client to another server (SQL "
+      "PREPARE, LISTEN, temporary tables, session advisory locks, WITH HOLD cursors, SET ROLE): pin keeps the "
+      "client on its server until the state is gone; error undoes it and answers 0A000; allow ignores it (unsafe)."),
     S("application_name_add_host", BOOL, "0", True, "Append ' - host:port' of the client to its application_name."),
     S("login_notify_message", STR, "", True,
       "A NOTICE sent to every client right after AuthenticationOk at login, e.g. to tell users they reach "
@@ -302,7 +315,6 @@ PLANNED_SETTINGS: list[Setting] = [
     planned("conffile", STR, "", "Shows the config file in use."),
     planned("service_name", STR, "pgbouncer", "Windows service name.", reload=False),
     planned("job_name", STR, "pgbouncer", "Alias of service_name.", reload=False),
-    planned("max_prepared_statements", INT, "200", "Protocol-level prepared statements tracked per server in transaction mode."),
     planned("auth_ident_file", STR, "", "Ident map file."),
     planned("auth_ldap_options", STR, "", "LDAP options."),
     planned("server_fast_close", BOOL, "0", "Close session-mode servers quickly on RECONNECT."),

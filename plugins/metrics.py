@@ -278,9 +278,14 @@ class RelayCollector:
             ("server_testing_connections", "Servers running server_reset_query or server_check_query (sv_tested)"),
             ("server_login_connections", "Servers logging in (sv_login)"),
             ("client_maxwait_seconds", "How long the oldest waiting client has waited (maxwait)"),
+            ("client_pinned_connections", "Clients pinned to their server by session state (session_state = pin)"),
         )}
         logins = CounterMetricFamily("pgrelay_server_logins", "Server connections that logged in", labels=labels)
         failures = CounterMetricFamily("pgrelay_server_login_failures", "Server logins that failed", labels=labels)
+        rollbacks = CounterMetricFamily("pgrelay_server_rollbacks", "Servers rolled back and reused after their "
+                                        "client left mid-transaction (server_rollback_timeout)", labels=labels)
+        rollback_failures = CounterMetricFamily("pgrelay_server_rollback_failures", "Servers closed because their "
+                                                "rollback after the client left did not finish", labels=labels)
         per_db: dict[str, list] = {}
         for pool in pools:
             database, user = pool_database(pool), pool_user(pool)
@@ -303,16 +308,21 @@ class RelayCollector:
                 "server_testing_connections": tested,
                 "server_login_connections": login,
                 "client_maxwait_seconds": now - waiting[0].wait_start if waiting else 0.0,
+                "client_pinned_connections": pool.pinned,
             }
             for key, value in values.items():
                 families[key].add_metric([database, user], value)
             stats = pool.stats
             logins.add_metric([database, user], stats.server_logins)
             failures.add_metric([database, user], stats.server_login_failures)
+            rollbacks.add_metric([database, user], stats.server_rollbacks)
+            rollback_failures.add_metric([database, user], stats.server_rollback_failures)
             per_db.setdefault(database, []).append(stats)
         yield from families.values()
         yield logins
         yield failures
+        yield rollbacks
+        yield rollback_failures
 
         # SHOW STATS, per database
         stat_families = (

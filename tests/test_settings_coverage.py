@@ -29,6 +29,7 @@ IN_PROGRESS: set[str] = set()  # settings being implemented right now; empty whe
 SE = "tests/integration/test_settings_enforced.py"
 OPS = "tests/integration/test_operations.py"
 PARAMS = "tests/integration/test_parameters.py"
+SESSION_STATE = "tests/integration/test_session_state.py"
 MODES = "tests/integration/test_pooling_modes.py"
 TLS = "tests/integration/test_tls.py"
 AUTH = "tests/integration/test_auth.py"
@@ -113,6 +114,11 @@ ENFORCED_BY: dict[str, list[str]] = {
                                  f"{TIMEOUTS}::test_idle_transaction_timeout_off_by_default"],
     "server_drain_timeout": [f"{TIMEOUTS}::test_server_drain_timeout_closes_a_server_that_takes_too_long",
                              f"{TIMEOUTS}::test_drained_server_is_reused_once_its_replies_are_in"],
+    "server_rollback_timeout": [
+        f"tests/integration/test_abandoned_transactions.py::{name}" for name in (
+            "test_rollback_that_hangs_closes_the_server_after_server_rollback_timeout",
+            "test_server_rollback_timeout_0_closes_as_before", "test_killed_client_holding_a_row_lock",
+            "test_reconnect_storm_costs_no_server_logins", "test_server_rollback_timeout_is_reloadable")],
     # -- query and transaction timeouts, the queue notice, unused pools; per-user and per-database values
     "query_timeout": [qt("test_query_timeout_closes_a_long_query_and_spares_fast_work"),
                       qt("test_queued_client_past_query_timeout_and_user_value_beating_the_global")],
@@ -175,7 +181,8 @@ ENFORCED_BY: dict[str, list[str]] = {
     "default_pool_size": [f"{MODES}::test_thirty_waiting_clients_on_two_servers_lose_nothing"],
     "min_pool_size": [se("test_min_pool_size")],
     "server_reset_query": [se("test_server_reset_query"),
-                           f"{MODES}::test_session_mode_keeps_one_server_and_resets_it_for_the_next_client"],
+                           f"{MODES}::test_session_mode_keeps_one_server_and_resets_it_for_the_next_client",
+                           f"{SESSION_STATE}::test_tracked_statement_timeout_never_stale_on_reused_servers"],
     "server_reset_query_always": [f"{MODES}::test_transaction_mode_server_reset_query_only_with_reset_always"],
     "server_lifetime": [se("test_server_lifetime")],
     "server_idle_timeout": [se("test_server_idle_timeout")],
@@ -185,9 +192,21 @@ ENFORCED_BY: dict[str, list[str]] = {
     "cancel_wait_timeout": [se("test_cancel_wait_timeout")],
     "max_packet_size": [se("test_max_packet_size")],
     # -- startup parameters
-    "ignore_startup_parameters": ["tests/integration/test_bad_input.py::test_ignored_startup_parameter_accepted"],
+    "ignore_startup_parameters": ["tests/integration/test_bad_input.py::test_ignored_startup_parameter_accepted",
+                                  f"{SESSION_STATE}::test_ignore_startup_parameters_still_drops",
+                                  f"{PARAMS}::test_untracked_startup_parameter_is_applied"],
     "track_extra_parameters": [se("test_track_extra_parameters_adds_a_parameter"),
-                               f"{PARAMS}::test_untracked_startup_parameter_is_refused"],
+                               f"{PARAMS}::test_untracked_startup_parameter_is_applied",
+                               f"{SESSION_STATE}::test_tracked_statement_timeout_never_stale_on_reused_servers"],
+    "session_state": [f"{SESSION_STATE}::{name}" for name in (
+        "test_pin_keeps_the_state_working_and_ends_when_cleared", "test_error_refuses_and_leaves_the_server_clean",
+        "test_allow_is_pgbouncers_unsafe_behaviour", "test_session_state_setting_is_reloadable")],
+    "max_prepared_statements": [f"tests/integration/test_prepared_statements.py::{name}" for name in (
+        "test_bind_to_a_statement_evicted_from_the_server", "test_ten_thousand_distinct_statements_from_one_client",
+        "test_client_map_is_bounded", "test_max_prepared_statements_zero_is_off",
+        "test_same_text_is_parsed_once_per_server", "test_psycopg3_default_prepare_threshold_50_clients")],
+    "notify_queue_size": [
+        "tests/integration/test_listen_notify.py::test_client_that_stops_reading_is_disconnected_and_memory_stays_bounded"],
     "application_name_add_host": [f"{PARAMS}::test_application_name_add_host"],
     # -- TLS
     "client_tls_sslmode": [f"{TLS}::test_client_tls_require_refuses_plaintext",

@@ -16,7 +16,7 @@ LISTENERS_COLUMNS = [("name", "text"), ("role", "text"), ("addr", "text"), ("por
 ROUTES_COLUMNS = [("database", "text"), ("user", "text"), ("plugin", "text"), ("route", "text"),
                   ("pool_mode", "text"), ("target", "text"), ("hosts", "text"), ("replicas", "text"),
                   ("server_user", "text"), ("dbname", "text"), ("pool_size", "int4"), ("reuse", "text"),
-                  ("per_client", "text")]
+                  ("per_client", "text"), ("pinned", "int4")]
 HOSTS_COLUMNS = [("host", "text"), ("port", "int4"), ("up", "text"), ("role", "text"), ("lag", "numeric"),
                  ("checked_ago", "numeric"), ("error", "text")]
 POOLERS_COLUMNS = [("name", "text"), ("target", "text"), ("pool_mode", "text"), ("default_pool_size", "int4"),
@@ -50,7 +50,7 @@ def show_listeners(ctx, arg):
     return ResultSet(LISTENERS_COLUMNS, rows)
 
 
-@command("SHOW ROUTES", doc="Per pool: the route and the plugin that decided it", admin=False, pgrelay=True)
+@command("SHOW ROUTES", doc="Per pool: the route, the plugin that decided it, clients pinned by session state", admin=False, pgrelay=True)
 def show_routes(ctx, arg):
     relay = ctx.relay
     rows = []
@@ -59,7 +59,7 @@ def show_routes(ctx, arg):
         rows.append((pool_database(pool), pool_user(pool), pool.decided_by, route.name, route.pool_mode,
                      route.target, ",".join(str(h) for h in route.hosts), ",".join(str(h) for h in route.replicas),
                      route.server_user, route.dbname, pool.size, "yes" if route.reuse else "no",
-                     "yes" if route.per_client else "no"))
+                     "yes" if route.per_client else "no", pool.pinned))
     return ResultSet(ROUTES_COLUMNS, rows)
 
 

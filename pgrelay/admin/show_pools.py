@@ -8,6 +8,7 @@ import time
 
 from pgrelay.pool import (CL_ACTIVE, CL_CLOSED, CL_IDLE, CL_LOGIN, CL_WAITING, SV_ACTIVE, SV_CANCEL_WAIT, SV_DRAIN,
                           SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, SV_TESTED, SV_USED)
+from pgrelay import prepared
 from pgrelay.routing import PRIMARY
 from pgrelay.virtual import peer_pid
 
@@ -236,7 +237,7 @@ def client_row(relay, client, now: float):
     return ("C", client.user or "(nouser)", client.database or "(nodb)", "none", state, addr, port, laddr, lport,
             wall(client.connect_time), wall(last), int(wait), int((wait % 1) * 1_000_000), 0, ptr(client),
             ptr(client.server), peer_pid(client), tls_info(client.sock),
-            client.params.get("application_name", ""), 0, client.id)
+            client.params.get("application_name", ""), prepared.client_count(client), client.id)
 
 
 @command("SHOW CLIENTS", doc="Client connections", admin=False)
@@ -270,7 +271,8 @@ def server_row(relay, pool, server, state: str):
     return ("S", pool.route.server_user, pool_database(pool), "none", state, addr.host if addr else None,
             addr.port if addr else 0, laddr, lport, wall(server.connect_time), wall(request), 0, 0,
             1 if server.close_reason else 0, ptr(server), ptr(client), backend_pid(server), tls_info(server.sock),
-            client.params.get("application_name", "") if client is not None else "", 0, server.id)
+            client.params.get("application_name", "") if client is not None else "", prepared.count(server),
+            server.id)
 
 
 @command("SHOW SERVERS", doc="Server connections", admin=False)

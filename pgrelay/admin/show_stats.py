@@ -13,7 +13,7 @@ from .commands import ResultSet, command
 from .show_pools import ADMIN_DB, pool_database
 
 # The counters, in PgBouncer's order (PgBouncer 1.25/1.26 SHOW STATS); parse and bind counts come from
-# prepared-statement tracking, which pgrelay does not do (max_prepared_statements): always 0.
+# named prepared statement tracking (pgrelay.prepared, max_prepared_statements).
 FIELDS = ("server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent",
           "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count")
 STATS_COLUMNS = [("database", "text")] + [(name, "numeric") for name in (
@@ -38,7 +38,8 @@ def counters(stats) -> list[int]:
     return [int(getattr(stats, "server_assignment_count", 0)), int(stats.xact_count), int(stats.query_count),
             int(stats.bytes_received), int(stats.bytes_sent), int(getattr(stats, "xact_time", 0) * 1_000_000),
             int(getattr(stats, "query_time", 0) * 1_000_000), int(getattr(stats, "wait_time", 0) * 1_000_000),
-            0, 0, 0]
+            int(getattr(stats, "client_parse_count", 0)), int(getattr(stats, "server_parse_count", 0)),
+            int(getattr(stats, "bind_count", 0))]
 
 
 class Snapshots:

@@ -214,7 +214,8 @@ def test_client_search_path_never_reaches_auth_query(auth_pg, make_relay, tmp_pa
         assert ok.value("SELECT current_user") == "quinn"
         ok.client.close()
         with pg3(relay, "quinn", PASSWORDS["quinn"], options="-c search_path=evil,pg_catalog") as conn:
-            assert conn.execute("SHOW search_path").fetchone()[0] == "evil, pg_catalog"
+            # As PostgreSQL keeps a startup option: the string as given (a SET would print "evil, pg_catalog").
+            assert conn.execute("SHOW search_path").fetchone()[0] == "evil,pg_catalog"
         assert auth_pg.psql("SELECT is_called FROM evil.calls") == "f", "evil.now() was called by auth_query"
         assert_auth_sessions(auth_pg, ["postgres|"])
     finally:

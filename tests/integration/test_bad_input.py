@@ -125,10 +125,21 @@ def test_password_message_before_startup(relay):
     assert_serves(relay)
 
 
-def test_cancel_request_with_bad_length(relay):
+@pytest.mark.parametrize("secret", [0, 257], ids=["no-secret", "secret-over-256"])
+def test_cancel_request_with_bad_length(relay, secret):
+    """Protocol 3.2 secrets are 1 to 256 bytes (PostgreSQL 18); outside that the header is bad."""
     raw = RawClient(relay.port)
-    raw.send(struct.pack("!II", 20, CANCEL_REQUEST_CODE) + os.urandom(12))
-    assert_refused(raw, "08P01", "bad packet header: cancel request of length 20")
+    raw.send(struct.pack("!II", 12 + secret, CANCEL_REQUEST_CODE) + os.urandom(4 + secret))
+    assert_refused(raw, "08P01", f"bad packet header: cancel request of length {12 + secret}")
+    assert_serves(relay)
+
+
+def test_cancel_request_with_unknown_long_key(relay):
+    """A 3.2-sized CancelRequest with a key pgrelay never issued: closed without a word."""
+    raw = RawClient(relay.port)
+    raw.send(struct.pack("!II", 12 + 32, CANCEL_REQUEST_CODE) + os.urandom(4 + 32))
+    assert raw.closed() and raw.buf == b""
+    raw.close()
     assert_serves(relay)
 
 
@@ -157,22 +168,24 @@ def test_protocol_v2_refused(relay):
 def test_protocol_v4_refused(relay):
     raw = RawClient(relay.port)
     raw.send(raw_startup(0x00040000, b"user\0postgres\0database\0postgres\0\0"))
-    assert_refused(raw, "0A000", "unsupported frontend protocol 4.0: server supports 3.0")
+    assert_refused(raw, "0A000", "unsupported frontend protocol 4.0: server supports 3.0 to 3.2")
     assert_serves(relay)
 
 
-@pytest.mark.parametrize("version,params,unknown", [
-    (0x00030002, {}, []),
-    (PROTOCOL_3_0, {"_pq_.foo": "bar"}, ["_pq_.foo"]),
-    (0x00030002, {"_pq_.foo": "bar", "_pq_.baz": "1"}, ["_pq_.foo", "_pq_.baz"]),
-], ids=["3.2", "_pq_.foo", "3.2+_pq_"])
-def test_negotiate_protocol_version(relay, version, params, unknown):
+@pytest.mark.parametrize("version,params,unknown,offered", [
+    (0x00030003, {}, [], 0x00030002),
+    (PROTOCOL_3_0, {"_pq_.foo": "bar"}, ["_pq_.foo"], PROTOCOL_3_0),
+    (0x00030002, {"_pq_.foo": "bar", "_pq_.baz": "1"}, ["_pq_.foo", "_pq_.baz"], 0x00030002),
+], ids=["3.3", "_pq_.foo", "3.2+_pq_"])
+def test_negotiate_protocol_version(relay, version, params, unknown, offered):
+    """As PostgreSQL 18: the full version offered (3.2 at most, else the one asked) and the unknown
+    _pq_ options (test_protocol_32.py compares it with PostgreSQL byte for byte)."""
     raw = RawClient(relay.port)
     raw.send(startup_packet(version=version, **params))
     kind, body = raw.read_message()
     assert kind == b"v", (kind, body)
-    minor, count = struct.unpack("!II", body[:8])
-    assert minor == 0
+    version_offered, count = struct.unpack("!II", body[:8])
+    assert version_offered == offered
     assert count == len(unknown)
     assert [s.decode() for s in body[8:].split(b"\0")[:-1]] == unknown
     msgs = raw.read_until(b"Z")
@@ -186,7 +199,7 @@ def test_negotiate_protocol_version(relay, version, params, unknown):
 # -- SSL negotiation -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("garbage,sqlstate,text", [
-    (b"\x00\x00\x00\x08garbage...", "0A000", f"unsupported frontend protocol {0x6761}.{0x7262}: server supports 3.0"),
+    (b"\x00\x00\x00\x08garbage...", "0A000", f"unsupported frontend protocol {0x6761}.{0x7262}: server supports 3.0 to 3.2"),
     # A TLS ClientHello, as sent by a client that ignores the 'N'.
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(32)), "08P01",
      f"bad packet header: startup packet length {0x16030100}"),
@@ -276,10 +289,15 @@ def test_truncated_query_then_disconnect(make_relay, pg):
 
 # -- startup parameters ------------------------------------------------------------------------
 
-def test_unsupported_startup_parameter(relay):
+def test_unknown_startup_parameter_gets_postgresqls_error(relay):
+    # Any startup parameter is applied as PostgreSQL applies it (pgrelay.session_state), so an
+    # unknown one gets PostgreSQL's own FATAL; replication= is still pgrelay's refusal.
     raw = RawClient(relay.port)
     raw.send(startup_packet(foo="bar"))
-    assert_refused(raw, "08P01", "unsupported startup parameter: foo")
+    assert_refused(raw, "42704", 'unrecognized configuration parameter "foo"')
+    raw = RawClient(relay.port)
+    raw.send(startup_packet(replication="true"))
+    assert_refused(raw, "08P01", "unsupported startup parameter: replication")
     assert_serves(relay)
 
 
@@ -290,10 +308,10 @@ def test_ignored_startup_parameter_accepted(make_relay):
     assert msgs[-1] == (b"Z", b"I")
     assert data_rows(raw.query("SELECT 2 + 2"))[0] == ["4"]
     raw.close()
-    # A parameter that is not in the list is still refused.
+    # A parameter that is not in the list goes to the server, which refuses an unknown one.
     raw = RawClient(relay.port)
     raw.send(startup_packet(bar="foo"))
-    assert_refused(raw, "08P01", "unsupported startup parameter: bar")
+    assert_refused(raw, "42704", 'unrecognized configuration parameter "bar"')
     assert_serves(relay)
 
 

@@ -46,7 +46,7 @@ def test_replica_pooler_reaches_the_replica(relay, replicated):
 def test_primary_pooler_in_session_mode_with_two_servers(relay, replicated):
     c1 = connect(relay.port, user="postgres|pb")
     c2 = connect(relay.port, user="postgres|pb")
-    c3 = connect(relay.port, user="postgres|pb")
+    c3 = None
     try:
         assert where(c1) == (False, replicated.primary.port)
         pid1, pid2 = one(c1, "SELECT pg_backend_pid()")[0], one(c2, "SELECT pg_backend_pid()")[0]
@@ -58,19 +58,27 @@ def test_primary_pooler_in_session_mode_with_two_servers(relay, replicated):
         # A local pooler client (same database and user) has a pool of its own.
         with connect(relay.port) as local:
             assert one(local, "SELECT pg_backend_pid()")[0] not in (pid1, pid2)
-        # A third session client waits: default_pool_size=2 is reached.
+        # A third session client waits, at login (its welcome carries its server's pid):
+        # default_pool_size=2 is reached.
         result = {}
-        waiter = threading.Thread(target=lambda: result.update(pid=one(c3, "SELECT pg_backend_pid()")[0]))
+
+        def third():
+            conn = connect(relay.port, user="postgres|pb")
+            result.update(conn=conn, pid=one(conn, "SELECT pg_backend_pid()")[0])
+        waiter = threading.Thread(target=third)
         waiter.start()
         waiter.join(0.7)
         assert waiter.is_alive() and not result, "a third session client got a server past default_pool_size=2"
         c1.close()
         waiter.join(10)
-        assert result == {"pid": pid1}  # the server c1 left, after its reset
+        c3 = result.get("conn")
+        assert result.get("pid") == pid1, result  # the server c1 left, after its reset
+        assert c3.info.backend_pid == pid1
         assert one(c3, "SHOW work_mem") != ("5MB",)  # server_reset_query (DISCARD ALL) ran
     finally:
         for conn in (c1, c2, c3):
-            conn.close()
+            if conn is not None:
+                conn.close()
 
 
 def test_unknown_pooler(relay):

@@ -275,9 +275,10 @@ def via_wire(port: int, k: int, out: dict) -> None:
 @pytest.mark.parametrize("stop_mode", ["fast", "immediate"])
 def test_transaction_in_flight_gets_08006_and_the_client_stays(make_relay, pair, stop_mode):
     """Each client is inside BEGIN with an uncommitted row and pg_sleep(5) running when the primary
-    stops: it gets ERROR 08006 "server connection lost: ...", stays connected, and its next
-    transaction commits on the new primary. fast = planned switchover (PostgreSQL sends FATAL 57P01
-    to its backends' clients first); immediate = crash-like (a WARNING notice only)."""
+    stops: it gets one ERROR, stays connected, and its next transaction commits on the new primary.
+    fast = planned switchover: PostgreSQL sends FATAL 57P01 to its backends' clients first, and the
+    ERROR carries that SQLSTATE and message (issue 10 item 5); immediate = crash-like (a WARNING
+    notice only): ERROR 08006 "server connection lost: ..."."""
     relay = start_relay(make_relay, pair)
     runners = {
         "psycopg2": (via_psycopg2, relay.dsn()),
@@ -305,12 +306,17 @@ def test_transaction_in_flight_gets_08006_and_the_client_stays(make_relay, pair,
 
     errors = {name: o.get("error") for name, o in outcomes.items()}
     assert all(e is not None for e in errors.values()), outcomes
-    got = {name: (e[0], e[1].startswith("server connection lost")) for name, e in errors.items()}
+    if stop_mode == "fast":
+        got = {name: (e[0], e[1] == ADMIN_SHUTDOWN[2]) for name, e in errors.items()}
+        sqlstate = "57P01"
+    else:
+        got = {name: (e[0], e[1].startswith("server connection lost")) for name, e in errors.items()}
+        sqlstate = "08006"
     # On the wire: exactly one error for the in-flight query, an ERROR (the client stays), then
     # ReadyForQuery idle (the transaction is gone).
     got["wire errors"] = [(s, c) for s, c, _ in outcomes["wire"]["wire"]]
-    expected = {name: ("08006", True) for name in runners}
-    expected["wire errors"] = [("ERROR", "08006")]
+    expected = {name: (sqlstate, True) for name in runners}
+    expected["wire errors"] = [("ERROR", sqlstate)]
     assert got == expected, f"errors seen: {errors}; on the wire: {outcomes['wire']['wire']}"
     assert outcomes["wire"]["status"] == b"I"
 
@@ -335,12 +341,12 @@ def read_errors_to_eof(raw: RawClient) -> list[tuple[str, str, str]]:
 
 
 ADMIN_SHUTDOWN = ("FATAL", "57P01", "terminating connection due to administrator command")
-CRASHED = ("FATAL", "08006", "server conn crashed?")
 
 
 def test_idle_in_transaction_client_is_disconnected(make_relay, pair):
     """Nothing in flight to answer with an ERROR: a client idle inside BEGIN loses its session and is
-    disconnected with PgBouncer's "server conn crashed?"; its row never reaches the new primary."""
+    disconnected with the server's own FATAL only, as PostgreSQL does (no second "server conn
+    crashed?", issue 10 item 5); its row never reaches the new primary."""
     relay = start_relay(make_relay, pair)
     conn = connect(relay.dsn())
     with conn.cursor() as cur:
@@ -353,8 +359,8 @@ def test_idle_in_transaction_client_is_disconnected(make_relay, pair):
 
     pair.fail_over()
 
-    # PostgreSQL's own FATAL (relayed as it came), then pgrelay's, then the connection closes.
-    assert read_errors_to_eof(raw) == [ADMIN_SHUTDOWN, CRASHED]
+    # PostgreSQL's own FATAL (relayed as it came), then the connection closes.
+    assert read_errors_to_eof(raw) == [ADMIN_SHUTDOWN]
     with pytest.raises(psycopg2.OperationalError), conn.cursor() as cur:
         cur.execute("SELECT 1")
     assert conn.closed != 0
@@ -379,12 +385,14 @@ def test_direct_clients_are_disconnected_and_reconnect_to_the_new_primary(make_r
 
     pair.fail_over()
 
-    # The session is gone with the server: the client is told and disconnected.
-    assert read_errors_to_eof(raw) == [ADMIN_SHUTDOWN, CRASHED]
+    # The session is gone with the server: the client gets the server's FATAL and the close, as from
+    # PostgreSQL itself (no second "server conn crashed?").
+    assert read_errors_to_eof(raw) == [ADMIN_SHUTDOWN]
     with pytest.raises(psycopg2.OperationalError), direct.cursor() as cur:
         cur.execute("SELECT 1")
     assert direct.closed != 0
-    assert "closing because: server conn crashed?" in relay.log()
+    assert "closing because: server closed the connection (server sent FATAL: terminating connection due " \
+        "to administrator command)" in relay.log()
 
     after = psycopg2.connect(relay.dsn(), port=direct_port, connect_timeout=10)
     after.autocommit = True

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from ..support import RawClient, assert_served, connect, query_message, scalar, wait_until
+from ..support import RawClient, assert_served, connect, query_message, scalar, startup_packet, wait_until
 
 TERMINATE = b"X\x00\x00\x00\x04"
 FLUSH = b"H\x00\x00\x00\x04"
@@ -75,11 +75,14 @@ def _leaving_client_sequence(relay, a_user="postgres", b_user="postgres", dbname
     a.login(user=a_user, database=dbname)
     assert rows(a.query("select 'A-linked'")) == ["A-linked"]
     b = RawClient(relay.port)
-    b.login(user=b_user, database=dbname)
-    b.send(query_message("select 'B-first'"))  # queues behind A
+    # B's login and first query queue behind A (session pooling links B's own server at login,
+    # so that its welcome carries that server's pid: pgrelay.login_link).
+    b.send(startup_packet(b_user, dbname) + query_message("select 'B-first'"))
     time.sleep(0.2)
     a.send(query_message("select pg_sleep(0.3)") + query_message("select 'A-private-row', pg_sleep(0.2)")
            + TERMINATE)
+    welcome = b.read_until(b"Z")
+    assert welcome[0] == (b"R", b"\0\0\0\0") and welcome[-1] == (b"Z", b"I"), welcome
     first = b.read_until(b"Z")
     assert rows(first) == ["B-first"], first
     second = b.query("select 'B-second'")

@@ -7,7 +7,7 @@ import socket
 
 import psycopg
 
-from ..support import RawClient, startup_packet
+from ..support import RawClient, error_fields, startup_packet
 
 SETTINGS_SQL = ("SELECT current_setting('TimeZone'), current_setting('DateStyle'), "
                 "current_setting('application_name'), pg_backend_pid()")
@@ -133,20 +133,32 @@ def test_interval_style_is_tracked_by_default(make_relay, pg):
         c.close()
 
 
-def test_untracked_startup_parameter_is_refused(make_relay):
-    relay = make_relay({"track_extra_parameters": ""})
+def test_untracked_startup_parameter_is_applied(make_relay):
+    """Any startup parameter is applied and follows its client (pgrelay.session_state), tracked by
+    ParameterStatus or not; ignore_startup_parameters drops those it names, as before."""
+    relay = make_relay({"track_extra_parameters": "", "default_pool_size": 1,
+                        "ignore_startup_parameters": "extra_float_digits, lock_timeout"})
+    a = connect(relay, options="-c IntervalStyle=iso_8601 -c lock_timeout=5s")
+    b = connect(relay, options="-c TimeZone=UTC")
+    try:
+        assert status(a, "IntervalStyle") == "iso_8601"
+        for _ in range(3):
+            assert one(a, "SELECT current_setting('IntervalStyle'), current_setting('lock_timeout')") == \
+                ("iso_8601", "0")  # lock_timeout is ignored: dropped, the server's default
+            assert one(b, "SELECT current_setting('IntervalStyle'), current_setting('TimeZone')") == ("postgres", "UTC")
+    finally:
+        a.close()
+        b.close()
     raw = RawClient(relay.port)
-    raw.send(startup_packet(options="-c IntervalStyle=iso_8601"))
-    fields = raw.read_error()
-    assert fields["M"] == "unsupported startup parameter in options: IntervalStyle"
-    assert fields["C"] == "08P01"
+    raw.send(startup_packet(options="--no-such-thing=1"))
+    kind, body = raw.read_message()
+    while kind in (b"R", b"S"):
+        kind, body = raw.read_message()
+    fields = error_fields(body)
+    assert (fields["S"], fields["C"], fields["M"]) == ("FATAL", "42704",
+                                                      'unrecognized configuration parameter "no_such_thing"')
     assert raw.closed()
     raw.close()
-    conn = connect(relay, options="-c TimeZone=UTC")
-    try:
-        assert one(conn, "SELECT current_setting('TimeZone'), 1 + 1") == ("UTC", 2)
-    finally:
-        conn.close()
 
 
 def test_client_encoding_follows_each_client_on_a_shared_server(make_relay):

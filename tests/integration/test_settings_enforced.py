@@ -164,8 +164,8 @@ def test_log_stats_off_silences_stats_lines(make_relay):
 def test_log_pooler_errors_off_keeps_refusals_out_of_the_log(make_relay):
     def refused_client():
         raw = RawClient(relay.port)
-        raw.send(startup_packet(se_unknown_param="1"))
-        assert raw.read_error()["M"] == "unsupported startup parameter: se_unknown_param"
+        raw.send(startup_packet(replication="true"))  # pgrelay's own refusal (other parameters go to PostgreSQL)
+        assert raw.read_error()["M"] == "unsupported startup parameter: replication"
         raw.close()
 
     relay = make_relay({"log_pooler_errors": "0"})
@@ -175,7 +175,7 @@ def test_log_pooler_errors_off_keeps_refusals_out_of_the_log(make_relay):
     # Control: with log_pooler_errors on, the same refusal is logged.
     reconfigure(relay, log_pooler_errors=1)
     refused_client()
-    wait_until(lambda: "pooler error: unsupported startup parameter: se_unknown_param" in relay.log(),
+    wait_until(lambda: "pooler error: unsupported startup parameter: replication" in relay.log(),
                message="the pooler error line")
 
 
