@@ -400,12 +400,15 @@ class ClientConnection(Peer):
                 pending = self.pending
                 pending += data
                 self.pending_queries += queries
+                if not queries and len(data) > 6 and data[0] == 80 and _LISTEN_TRIGGER[data[5] or data[6]] \
+                        and pool.mode:
+                    notify.parse_only(self, data)  # an unnamed LISTEN's Parse ... Flush (pgrelay.notify)
                 if len(pending) >= QUEUED_INPUT_LIMIT:
                     self.stop_reading()  # the rest waits in the kernel; gone() notices a close
                 return
-            if queries == 1 and data[0] == 81 and len(data) > 5 and _LISTEN_TRIGGER[data[5]] and pool.mode \
-                    and notify.intercept(self, data):
-                return  # LISTEN/UNLISTEN, served by the pool's listening server (pgrelay.notify)
+            if len(data) > 6 and (data[0] == 81 and queries == 1 or data[0] == 80) \
+                    and _LISTEN_TRIGGER[data[5] or data[6]] and pool.mode and notify.intercept(self, data, queries):
+                return  # LISTEN/UNLISTEN (a Query, or an unnamed Parse), served by the pool's listening server (pgrelay.notify)
             owned = self.cancel_server
             if owned is not None:  # our own server, withheld from others while our cancel runs
                 self.cancel_server = None
@@ -435,8 +438,8 @@ class ClientConnection(Peer):
             server.sync_queries += queries
             self.pool.stats.bytes_received += len(data)
             return
-        elif self.listen is not None and queries == 1 and data[0] == 81 and notify.linked(self, server, data):
-            return  # a LISTEN it has already (pgrelay.notify)
+        elif self.listen is not None and notify.linked(self, server, data, queries):
+            return  # a LISTEN it has already, or an extended-protocol one (pgrelay.notify)
         server.expect += queries
         n = len(data)
         pool = self.pool

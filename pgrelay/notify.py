@@ -12,10 +12,17 @@ PostgreSQL does, between transactions: at once when it has no server linked (or 
 owing nothing), else held until the ReadyForQuery that ends its transaction (bounded by
 notify_queue_size; past it the client is disconnected).
 
+The extended protocol is served the same way (`extended`): a batch that runs one such statement,
+[Parse] [Describe] Bind [Describe] Execute Sync in one read, unnamed and parsed in the batch or
+named (pgrelay.prepared), gets PostgreSQL's replies from pgrelay; if a server is linked (asyncpg
+sends Parse, Describe, Flush first, which goes to a server), that server gets only the Sync. A
+Parse of one read alone (asyncpg may write it apart from its Bind, Execute, Sync) owes no reply,
+so it is held until the next read and joins it.
+
 Inside a transaction, a LISTEN of a channel the client has is answered here and an UNLISTEN takes
 effect at COMMIT (`linked`, `ended`); a LISTEN of a new channel there, in a multi-statement Query,
-through the extended protocol, or from a client with named prepared statements reaches the
-client's server, where session_state decides (pin, error or allow). The listening server is not
+or in a Query from a client with named prepared statements reaches the client's server, where
+session_state decides (pin, error or allow). The listening server is not
 one of the pool's default_pool_size servers; it counts against max_db_connections and
 max_user_connections like any server. Lost, it is reconnected and re-LISTENs every channel; what
 was notified while it was down is lost (logged).
@@ -242,7 +249,7 @@ class ClientListen:
     """What one client listens on (channels, as the listening server spells them) and the
     notifications held for it until it is at a message boundary."""
 
-    __slots__ = ("hub", "channels", "queue", "queued", "pending", "retry")
+    __slots__ = ("hub", "channels", "queue", "queued", "pending", "retry", "parsed", "held")
 
     def __init__(self, hub: "Listening"):
         self.hub = hub
@@ -251,6 +258,8 @@ class ClientListen:
         self.queued = 0  # bytes in queue
         self.pending: list[bytes | None] = []  # UNLISTENs (None: *) of an open transaction, applied at COMMIT
         self.retry = False  # a later check of held notifications is due (_retry_flush)
+        self.parsed = None  # an unnamed LISTEN/UNLISTEN its linked server was sent alone in its last read (`linked`)
+        self.held = None    # a Parse of one, read alone and not yet sent: it goes with the next read (`linked`)
 
 
 def enabled(client: "ClientConnection") -> bool:
@@ -260,9 +269,16 @@ def enabled(client: "ClientConnection") -> bool:
                 and client.relay.config.values.get("session_state", "pin") != "allow")
 
 
-def intercept(client: "ClientConnection", data: bytes) -> bool:
-    """Client hot path, after the cheap trigger (one simple Query starting with TRIGGER, no server
-    linked): serve it here if it is a LISTEN/UNLISTEN statement. Returns whether it was taken."""
+def intercept(client: "ClientConnection", data: bytes, queries: int = 1) -> bool:
+    """Client hot path, after the cheap trigger (one simple Query, or an unnamed Parse, starting
+    with TRIGGER, no server linked): serve it here if it is a LISTEN/UNLISTEN statement. Returns
+    whether it was taken."""
+    if data[0] == 80:  # Parse: the extended protocol
+        if queries == 1:
+            return extended(client, data)
+        if not queries:
+            parse_only(client, data)
+        return False
     if len(data) > MAX_STATEMENT or _I32(data, 1)[0] + 1 != len(data) or not _looks_like_listen(data):
         return False  # not exactly one whole message in this read, or not a LISTEN/UNLISTEN
     if client.state != CL_IDLE or client.server is not None or client.skip or client.carry \
@@ -310,6 +326,245 @@ def intercept(client: "ClientConnection", data: bytes) -> bool:
     return True
 
 
+# -- the extended protocol ---------------------------------------------------------------------------
+
+_SYNC = b"S\x00\x00\x00\x04"
+_PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_BIND_COMPLETE = b"2\x00\x00\x00\x04"
+_NO_DATA = b"n\x00\x00\x00\x04"
+_NO_PARAMS = b"t\x00\x00\x00\x06\x00\x00"
+_NO_TYPES = b"\x00\x00"
+
+
+def _query_of(body: bytes) -> bytes | None:
+    """A Parse body after the name (query, NUL, parameter types): the query and its NUL if no
+    parameter type is declared (a LISTEN has none), else None."""
+    nul = body.find(b"\x00")
+    if nul < 0 or body[nul + 1:] != _NO_TYPES:
+        return None
+    return body[:nul + 1]
+
+
+def _bind_ok(body: bytes) -> bytes | None:
+    """The statement name of a Bind to the unnamed portal with no parameters (any format codes,
+    as PostgreSQL ignores result formats of a statement that returns no rows), else None."""
+    if not body or body[0] != 0:
+        return None
+    nul = body.find(b"\x00", 1)
+    if nul < 0:
+        return None
+    pos = nul + 1
+    if pos + 2 > len(body):
+        return None
+    nformats = int.from_bytes(body[pos:pos + 2], "big")
+    if nformats > 1:
+        return None
+    pos += 2 + 2 * nformats
+    if body[pos:pos + 2] != b"\x00\x00":
+        return None  # parameters: PostgreSQL's error comes from a server
+    pos += 2
+    if pos + 2 > len(body):
+        return None
+    pos += 2 + 2 * int.from_bytes(body[pos:pos + 2], "big")
+    return body[1:nul] if pos == len(body) else None
+
+
+def _batch(data: bytes, names, parsed: bytes | None = None):
+    """`data` as one extended-protocol batch that runs one LISTEN/UNLISTEN statement and ends with
+    its Sync: [Parse ''] [Describe S] Bind [Describe P] Execute Sync (Flushes anywhere), the
+    statement unnamed and parsed in this batch (or, `parsed`, alone in the read before), or, with
+    `names` (pgrelay.prepared), a named one.
+    Returns (query and NUL, whether it was parsed here, the replies before Execute's as a list with
+    None where the Parse's NOTICE goes) or None."""
+    n = len(data)
+    if n > MAX_STATEMENT or data[-5:] != _SYNC:
+        return None
+    preparsed = parsed
+    pos, query, parsed, bound, executed, replies = 0, None, False, None, False, []
+    while pos + 5 <= n:
+        kind = data[pos]
+        end = pos + 1 + _I32(data, pos + 1)[0]
+        if end > n or end < pos + 5:
+            return None
+        body = data[pos + 5:end]
+        if kind == 80:  # Parse
+            if query is not None or not body or body[0] != 0:
+                return None
+            query = _query_of(body[1:])
+            if query is None:
+                return None
+            parsed = True
+            replies += (None, _PARSE_COMPLETE)
+        elif kind == 68 and body[:1] == b"S" and not bound:  # Describe statement
+            name = body[1:-1]
+            if name:
+                stmt = names.get(name) if names is not None else None
+                if stmt is None or query is not None and _query_of(stmt.body) != query:
+                    return None
+                query = _query_of(stmt.body)
+            if query is None or body[-1] != 0:
+                return None
+            replies.append(_NO_PARAMS + _NO_DATA)
+        elif kind == 66:  # Bind
+            name = _bind_ok(body)
+            if name is None or bound is not None:
+                return None
+            if name:
+                stmt = names.get(name) if names is not None else None
+                if stmt is None or query is not None and _query_of(stmt.body) != query:
+                    return None
+                query = _query_of(stmt.body)
+            elif not parsed:
+                if preparsed is None:
+                    return None  # the unnamed statement of an earlier batch is the server's
+                query = preparsed
+            if query is None:
+                return None
+            bound = name
+            replies.append(_BIND_COMPLETE)
+        elif kind == 68 and body == b"P\x00" and bound is not None and not executed:  # Describe portal
+            replies.append(_NO_DATA)
+        elif kind == 69:  # Execute
+            if bound is None or executed or body[:1] != b"\x00" or len(body) != 5:
+                return None
+            executed = True
+        elif kind == 72:  # Flush
+            if end != pos + 5:
+                return None
+        elif kind == 83:  # Sync: the last message
+            if end != n or not executed:
+                return None
+        else:
+            return None
+        pos = end
+    if pos != n or not executed:
+        return None
+    return query, parsed, replies
+
+
+def extended(client: "ClientConnection", data: bytes, server=None, names=None, parsed: bytes | None = None) -> bool:
+    """An extended-protocol LISTEN/UNLISTEN batch (`_batch`), served by the listening server as the
+    simple Query is (`intercept`): with no server linked, every reply comes from pgrelay; with one
+    linked (an earlier Parse ... Flush of the batch went there, or inside a transaction), pgrelay
+    writes the replies up to the Execute's and the server gets only the Sync, whose ReadyForQuery
+    ends the batch as it would have. The server never runs a LISTEN, so nothing pins; an UNLISTEN
+    with a server linked runs there as well (as a Query's does).
+    Returns whether the batch was taken."""
+    if client.skip or client.carry or not enabled(client):
+        return False
+    if server is None:
+        if client.state != CL_IDLE or client.server is not None or client.open_batch:
+            return False
+        txstatus = _IDLE
+    else:
+        txstatus = server.txstatus
+        if server.state != SV_ACTIVE or server.expect or server.skip or server.carry or server.out is not None \
+                or server.pfilter or txstatus not in (_IDLE, _IN_TX):
+            return False
+    found = _batch(data, names, parsed)
+    if found is None:
+        return False
+    query, parsed, replies = found
+    pool = client.pool
+    hub = pool.listening
+    welcome = dict(pool.welcome or ())
+    server_codec = hub.codec if hub is not None else codec(welcome.get("client_encoding"))
+    db_codec = codec(welcome.get("server_encoding"))
+    client_codec = codec(client_encoding(client))
+    if client_codec is None or server_codec is None or db_codec is None:
+        return False
+    stmt = parse(query, client_codec, db_codec, server_codec)
+    if stmt is None:
+        return False
+    listen = client.listen
+    if server is not None and stmt.command == "UNLISTEN":
+        # As the simple Query: it runs on the server too (a pinned server may listen itself), and
+        # ends the listening server's delivery now, or at COMMIT inside a transaction.
+        if listen is not None:
+            if txstatus == _IDLE:
+                _unlisten(client, stmt.channel)
+            else:
+                listen.pending.append(stmt.channel)
+        return False
+    if txstatus == _IN_TX and (listen is None or stmt.channel not in listen.channels):
+        return False  # a new channel inside a transaction is the server's (session_state), as a Query's
+    # The lexer's truncation NOTICE comes with the Parse (none if the statement was parsed earlier).
+    head = b"".join((stmt.notice if parsed else b"") if r is None else r for r in replies)
+
+    def finish(tail: bytes) -> None:
+        if client.state == CL_CLOSED:
+            return
+        if server is None or client.server is not server or server.state != SV_ACTIVE:
+            client.write(head + tail + _READY_IDLE)
+        else:
+            client.write(head + tail)
+            client.open_batch = 0
+            server.expect += 1
+            pool.stats.bytes_received += len(data)
+            server.write(_SYNC, client)
+
+    if server is None:
+        client.query_start = 0.0  # no server round: nothing for PoolStats to time
+    if stmt.command == "UNLISTEN":
+        if listen is not None:
+            _unlisten(client, stmt.channel)
+        finish(b"C\x00\x00\x00\x0dUNLISTEN\x00")
+        return True
+    if txstatus == _IN_TX:  # a channel it has (a no-op in PostgreSQL too): nothing to wait for
+        finish(b"C\x00\x00\x00\x0bLISTEN\x00")
+        return True
+    if hub is None:
+        hub = pool.listening = Listening(pool)
+    if listen is None:
+        listen = client.listen = ClientListen(hub)
+    if server is None:
+        flush(client)
+    client.stop_reading()  # what the client sends next waits until this LISTEN is answered
+
+    def done(error: Reject | None) -> None:
+        if client.state == CL_CLOSED:
+            return
+        finish(error.encode() if error is not None else b"C\x00\x00\x00\x0bLISTEN\x00")
+        client.start_reading()
+
+    hub.listen(client, stmt.channel, done)
+    return True
+
+
+def parse_alone(data: bytes) -> bytes | None:
+    """The query of a read that is only a Parse of an unnamed LISTEN/UNLISTEN (with a Describe of
+    it and a Flush, as asyncpg prepares), else None."""
+    if len(data) > MAX_STATEMENT or data[5] != 0:
+        return None
+    end = 1 + _I32(data, 1)[0]
+    query = _query_of(data[6:end]) if end <= len(data) else None
+    if query is None or not _looks_like_listen(b"Q\x00\x00\x00\x00" + query):
+        return None
+    rest = data[end:]
+    for tail in (b"D\x00\x00\x00\x06S\x00", b"H\x00\x00\x00\x04"):
+        if rest.startswith(tail):
+            rest = rest[len(tail):]
+    return query if not rest else None
+
+
+def parse_only(client: "ClientConnection", data: bytes) -> None:
+    """A read that parses an unnamed LISTEN/UNLISTEN and leaves its batch open (Parse, Describe,
+    Flush: asyncpg's prepare): it goes to a server as usual, and the client counts as a listener
+    so that the Bind, Execute and Sync that follow on that server are served here (`linked`)."""
+    query = parse_alone(data) if enabled(client) else None
+    if query is None:
+        if client.listen is not None:
+            client.listen.parsed = None
+        return
+    if client.listen is None:
+        pool = client.pool
+        hub = pool.listening
+        if hub is None:
+            hub = pool.listening = Listening(pool)
+        client.listen = ClientListen(hub)
+    client.listen.parsed = query
+
+
 def _looks_like_listen(data: bytes) -> bool:
     """LISTEN or UNLISTEN after leading whitespace, or a leading comment (then parse decides)."""
     i, n = 5, len(data)
@@ -317,6 +572,11 @@ def _looks_like_listen(data: bytes) -> bool:
         i += 1
     head = data[i:i + 8].upper()
     return head.startswith(b"LISTEN") or head == b"UNLISTEN" or head[:2] in (b"--", b"/*")
+
+
+def looks_like_listen(text: bytes) -> bool:
+    """A statement text (not a message) that may be a LISTEN/UNLISTEN (`_looks_like_listen`)."""
+    return _looks_like_listen(b"Q\x00\x00\x00\x00" + text)
 
 
 def client_encoding(client: "ClientConnection") -> str | None:
@@ -336,19 +596,45 @@ def at_boundary(client: "ClientConnection") -> bool:
                               and not server.expect and not server.skip and not server.carry)
 
 
-def linked(client: "ClientConnection", server, data: bytes) -> bool:
+def linked(client: "ClientConnection", server, data: bytes, queries: int = 1) -> bool:
     """Client relay path of a listening client whose server is linked (inside a transaction, or
     pinned by session_state): a LISTEN of a channel it listens on already is answered here (a no-op
     in PostgreSQL too, so its server never gets it: no duplicate delivery, no pin); an UNLISTEN goes
     to the server as well (its own channels, if pinned) and ends the listening server's delivery at
-    once, or at COMMIT inside a transaction (`ready`). Returns whether the query was taken."""
+    once, or at COMMIT inside a transaction (`ready`). Returns whether the query was taken. An
+    extended-protocol batch (a Parse or Bind first) is `extended`'s; a read that only parses an
+    unnamed LISTEN (asyncpg may write its Parse apart from the Bind, Execute, Sync that follow) is
+    remembered for the next read."""
+    listen = client.listen
+    parsed, listen.parsed = listen.parsed, None
+    held, listen.held = listen.held, None
+    if held is not None:
+        # The Parse read alone before: with this read it may be one batch (asyncpg writes the Parse
+        # apart from its Bind, Execute, Sync); else it goes first, as it came.
+        if queries == 1 and data[0] == 66 and extended(client, held + data, server):
+            return True
+        server.write(held, client)
+    elif queries != 1:
+        if data[0] == 80:
+            query = parse_alone(data)
+            if query is not None and _I32(data, 1)[0] + 1 == len(data):
+                # A Parse alone owes no reply until what follows: held, so that a Bind, Execute,
+                # Sync in the next read are served here and the server never owes its ParseComplete.
+                listen.held = bytes(data)
+                return True
+            listen.parsed = query
+        return False
+    if queries != 1:
+        return False
+    if data[0] != 81:
+        return (data[0] == 80 or data[0] == 66 and parsed is not None) and extended(client, data, server,
+                                                                                     parsed=parsed)
     if len(data) > MAX_STATEMENT or _I32(data, 1)[0] + 1 != len(data) or not _looks_like_listen(data):
         return False
     txstatus = server.txstatus
     if server.state != SV_ACTIVE or server.expect or server.skip or server.carry or server.out is not None \
             or client.skip or client.carry or client.open_batch or txstatus not in (_IDLE, _IN_TX):
         return False  # a failed transaction ('E') refuses it on the server, as PostgreSQL does
-    listen = client.listen
     hub = listen.hub
     client_codec = codec(client_encoding(client))
     if client_codec is None or hub.codec is None or hub.db_codec is None:

@@ -20,6 +20,9 @@ How it works (PgBouncer 1.21+'s design, with the texts shared between clients):
   undone in reverse order (a failed or skipped Parse leaves nothing behind), and synthesized
   replies among them are not sent. A message of a later batch that uses a name whose change is
   not answered yet waits for the answer (`ClientStatements.unsettled`).
+- A batch that runs a LISTEN/UNLISTEN (a Bind of a statement with that text, an unnamed Parse of
+  one) is offered to pgrelay.notify first (`_listen_batch`), which serves it with the pool's
+  listening server; a Parse of one read alone waits in inbuf for the Bind, Execute, Sync.
 - Outside a transaction, a batch of named Parses of texts a server of the pool already has is
   answered without a server (`_answer_locally`); other bytes of an unlinked client are renamed for
   the idle server client._forward is about to link, then sent with it in one write.
@@ -35,7 +38,7 @@ import re
 import weakref
 from typing import TYPE_CHECKING
 
-from . import protocol
+from . import notify, protocol
 from .errors import ProtocolViolation, Reject
 from .pool import CL_IDLE, CL_WAITING, MODE_SESSION, SV_ACTIVE
 from .stream import RECV_SIZE
@@ -48,6 +51,7 @@ _unpack = protocol._I32.unpack_from
 _pack = protocol.pack_i32
 _CLASS = protocol.FRONTEND_CLASS
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+_SYNC_MESSAGE = b"S\x00\x00\x00\x04"
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 PREFIX = b"PGRELAY_"
 # A client may hold this many times max_prepared_statements named statements (20,000 at the
@@ -89,10 +93,18 @@ _statements: "weakref.WeakValueDictionary[bytes, Statement]" = weakref.WeakValue
 _ids = itertools.count(1)
 
 
+# Whether any named statement's text may be a LISTEN/UNLISTEN (notify.looks_like_listen, once per text):
+# until one is prepared, a Bind is never looked up for pgrelay.notify (`_listen_batch`).
+_listen_texts = False
+
+
 def statement(body: bytes) -> Statement:
+    global _listen_texts
     found = _statements.get(body)
     if found is None:
         found = _statements[body] = Statement(next(_ids), body)
+        if not _listen_texts and body and notify.TRIGGER[body[0]] and notify.looks_like_listen(body[:64]):
+            _listen_texts = True
     return found
 
 
@@ -178,6 +190,10 @@ def pump(client: "ClientConnection") -> None:
     ps.pumping = True
     try:
         server = client.server
+        first = ps.inbuf[0]
+        if (first == _B or first == _P or client.listen is not None) and not ps.unsettled \
+                and (server is not None or client.state == CL_IDLE) and _listen_batch(client, server):
+            return  # a LISTEN/UNLISTEN batch: the pool's listening server's (pgrelay.notify)
         if server is None and client.state == CL_IDLE:
             if ps.inbuf[0] == _P:
                 while ps.inbuf and _answer_locally(client):
@@ -212,6 +228,47 @@ def pump(client: "ClientConnection") -> None:
             _process(client, server)
     finally:
         ps.pumping = False
+
+
+def _listen_batch(client: "ClientConnection", server) -> bool:
+    """notify.extended for a batch that may run a LISTEN/UNLISTEN: a Bind of a named statement
+    whose text may be one (one look at its first byte), an unnamed Parse of one, or a Bind of the
+    unnamed statement a read of its own parsed just before (notify.parse_only, as for the hot path)."""
+    ps = client.ps
+    buf = ps.inbuf
+    listen = client.listen
+    parsed = None
+    if listen is not None:
+        parsed, listen.parsed = listen.parsed, None
+    first = buf[0]
+    if not buf.endswith(_SYNC_MESSAGE):
+        if first == _P and len(buf) > 6 and buf[5] == 0 and notify.TRIGGER[buf[6]]:
+            if _unpack(buf, 1)[0] + 1 == len(buf) and notify.parse_alone(bytes(buf)) is not None \
+                    and notify.enabled(client):
+                return True  # a Parse alone owes no reply: it waits in inbuf for the Bind, Execute, Sync that follow
+            notify.parse_only(client, bytes(buf))
+        return False
+    if first == _B:
+        if parsed is None and not _listen_texts:
+            return False
+        nul = buf.find(b"\x00", 6)
+        if buf[5] != 0 or nul < 6:
+            return False
+        if nul > 6:
+            stmt = ps.names.get(bytes(buf[6:nul]))
+            if stmt is None or not notify.TRIGGER[stmt.body[0]]:
+                return False
+        elif parsed is None:
+            return False
+    elif first != _P or len(buf) < 7 or buf[5] != 0 or not notify.TRIGGER[buf[6]]:
+        return False
+    if server is not None and server.ps is not None and (server.ps.queue or server.ps.dead):
+        return False
+    if not notify.extended(client, bytes(buf), server, ps.names, parsed=parsed):
+        return False
+    ps.inbuf = bytearray()
+    ps.batch += 1
+    return True
 
 
 ALL = b"\x00all"  # the key of an unsettled DEALLOCATE ALL / DISCARD ALL (no name holds a NUL)

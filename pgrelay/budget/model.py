@@ -8,7 +8,9 @@ as plugins/routes.py enforces them:
 * a pool is one (route, database, server user, target, pool mode); its size is the client
   role's [users] pool_size, else the database's pool_size, else default_pool_size (a dedicated
   pooler: its default_pool_size), 0 meaning unlimited; plus reserve_pool_size ([users], else
-  [databases] reserve_pool_size or reserve_pool, else the global one);
+  [databases] reserve_pool_size or reserve_pool, else the global one); plus, in transaction and
+  statement pooling, the pool's one listening server (LISTEN, pgrelay.notify), unless
+  session_state = allow;
 * max_db_connections ([databases], else global) caps every pool of a database, and
   max_user_connections ([users] of the server user, else global) every pool of a server user,
   whatever the port, pooler or cluster, primary and replica pools apart; a [poolers] entry's own
@@ -316,6 +318,11 @@ class _Builder:
                         slot.db_reserve, self.reserve)
         return INF if not base else base + (reserve or 0)
 
+    def listening(self, mode: str) -> int:
+        """The listening server a transaction or statement pool opens, beyond its size and reserve,
+        once a client LISTENs (pgrelay.notify; none with session_state = allow)."""
+        return int(mode != "session" and self.config.values.get("session_state", "pin") != "allow")
+
     def add(self, slot: _Slot, kind: str, route: str, target: str, size: float, caps: tuple, reach: frozenset,
             postgres: bool = True, direct_key: tuple | None = None) -> None:
         pools = 1 if slot.countable and kind != "direct" else None  # direct: one server per client
@@ -333,7 +340,7 @@ class _Builder:
             for listener in self.pooled_listeners:
                 mode = first(listener.pool_mode, getattr(settings, "pool_mode", None), slot.db.pool_mode,
                              self.config.pool_mode)
-                modes[mode] = max(modes.get(mode, 0), size)
+                modes[mode] = max(modes.get(mode, 0), size + self.listening(mode))
         for target in [PRIMARY] + ([REPLICA] if self.local_replicas else []):
             for mode, size in sorted(modes.items()):
                 self.add(slot, "pool", f"local pooler ({mode})", target, size, slot.passing(target), slot.reach(target))
@@ -351,6 +358,7 @@ class _Builder:
                     f"pooler {pooler.name}, {user.subject}", f"max_user_connections of [poolers] {pooler.name}"),
                 user)
         size = max(self.per_pool(slot, role, pooler.default_pool_size) for role in slot.roles)
+        size += self.listening(pooler.pool_mode)
         if pooler.upstream is not None:
             self.add(slot, "pooler", f"pooler {pooler.name}", target, size, caps, frozenset([pooler.upstream]),
                      postgres=False)

@@ -61,7 +61,8 @@ def _host(report: HostReport, budget: Budget) -> list[str]:
     formula = b.sizes
     if b.uncounted:
         formula = " + ".join(x for x in [formula, "pools of " + " and of ".join(b.uncounted)] if x)
-    out.append(row("pools x (pool size + reserve)", b.pool_sizes, formula))
+    # each transaction/statement pool's size includes its listening server (LISTEN, pgrelay.notify)
+    out.append(row("pools x (size + reserve + listening)", b.pool_sizes, formula))
     out.append(row("pools under their caps", b.pooled, "; ".join(b.pooled_bounds) if b.pooled != b.pool_sizes
                    else ""))
     if not b.postgres:

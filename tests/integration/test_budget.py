@@ -113,3 +113,51 @@ def test_live_on_an_unreachable_host_is_exit_status_4(tmp_path, pg):
     assert f"COULD NOT READ THE SERVER: cannot read the settings of 127.0.0.1:{dead}" in result.stdout
     assert re.search(r"^  max_connections\s+400  read from the server", result.stdout, re.M)  # the other host
     assert "result: COULD NOT READ THE SERVER on 1 of 2 hosts (exit status 4)" in result.stdout
+
+
+def test_the_relay_never_opens_more_than_the_worst_case_with_a_listening_server(make_relay, pg):
+    """A transaction pool of 2 with clients that LISTEN: the check counts 2 + the listening server,
+    and the real relay, with both servers busy and listeners on several channels, opens exactly that."""
+    import threading
+
+    relay = make_relay({"default_pool_size": 2, "pool_mode": "transaction"},
+                       databases={"postgres": f"host=127.0.0.1 port={pg.port} user=postgres"})
+    result = check(relay.ini_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert value(result.stdout, "worst case") == "3"
+    assert re.search(r"^  pools x \(size \+ reserve \+ listening\)\s+3  1 x 3$", result.stdout, re.M)
+
+    def backends() -> int:
+        return int(pg.psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                           "AND pid <> pg_backend_pid() "
+                           "AND (application_name = 'pgrelay listening server' OR query LIKE '%budget_probe%')"))
+
+    busy = []
+    for _ in range(2):
+        conn = psycopg2.connect(relay.dsn())
+        conn.autocommit = False
+        conn.cursor().execute("SELECT 'budget_probe'")  # each holds a server in an open transaction
+        busy.append(conn)
+    listeners = []
+    for channel in ("a", "b", "a"):
+        conn = psycopg2.connect(relay.dsn())
+        conn.autocommit = True
+        conn.cursor().execute(f"LISTEN budget_{channel}")  # served while both servers are busy
+        listeners.append(conn)
+    waiter = psycopg2.connect(relay.dsn())
+    done = threading.Event()
+
+    def wait_for_a_server() -> None:
+        waiter.cursor().execute("SELECT 'budget_probe', pg_sleep(0)")
+        done.set()
+
+    thread = threading.Thread(target=wait_for_a_server)
+    thread.start()
+    assert not done.wait(0.7)  # a third query waits in line: no third pooled server
+    assert backends() == 3     # 2 pooled servers + the one listening server
+    for conn in busy:
+        conn.commit()
+    thread.join(10)
+    assert done.is_set()
+    for conn in busy + listeners + [waiter]:
+        conn.close()

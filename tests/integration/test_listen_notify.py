@@ -519,3 +519,272 @@ def test_listening_server_login_failure_is_the_clients_error(make_relay, pg):
     time.sleep(1.5)  # no retry: nobody listens
     assert relay.log().count("login failed") == 1
     conn.close()
+
+
+# -- the extended protocol (asyncpg's add_listener) ------------------------------------------------
+
+def _pinned(relay) -> int:
+    conn = psycopg2.connect(relay.dsn(dbname="pgbouncer"), connect_timeout=10)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW ROUTES")
+            names = [d[0] for d in cur.description]
+            return sum(dict(zip(names, r))["pinned"] for r in cur.fetchall()
+                       if dict(zip(names, r))["database"] == "postgres")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mode", ["transaction", "statement"])
+def test_asyncpg_add_listener_is_served_without_pinning(make_relay, pg, mode):
+    """asyncpg's add_listener (Parse, Describe, Flush, then Bind, Execute, Sync; named with its
+    statement cache, unnamed without) on a pool of one server: notifications sent directly to
+    PostgreSQL arrive with the sender's pid, neither client is pinned, both keep being served,
+    and remove_listener stops delivery."""
+    import asyncio
+
+    import asyncpg
+    relay = make_relay({"pool_mode": mode, "default_pool_size": 1, "admin_users": "postgres"})
+    direct = psycopg2.connect(host="127.0.0.1", port=pg.port, user="postgres", dbname="postgres")
+    direct.autocommit = True
+    sender_pid = scalar(direct, "SELECT pg_backend_pid()")
+
+    async def main():
+        kw = dict(host="127.0.0.1", port=relay.port, user="postgres", database="postgres")
+        a = await asyncpg.connect(**kw)                          # named statements (its default cache)
+        b = await asyncpg.connect(**kw, statement_cache_size=0)  # unnamed statements
+        got_a, got_b = asyncio.Queue(), asyncio.Queue()
+
+        def on_a(conn, pid, channel, payload):
+            got_a.put_nowait((pid, channel, payload))
+
+        def on_b(conn, pid, channel, payload):
+            got_b.put_nowait((pid, channel, payload))
+
+        await a.add_listener("ext_a", on_a)
+        await a.add_listener("Ext Both", on_a)
+        await b.add_listener("Ext Both", on_b)
+        await b.add_listener("ext_b", on_b)
+        assert _pinned(relay) == 0
+        # one server serves both, in turns: neither holds it
+        for _ in range(3):
+            assert await asyncio.wait_for(a.fetchval("SELECT 1"), 5) == 1
+            assert await asyncio.wait_for(b.fetchval("SELECT 2"), 5) == 2
+        assert await a.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0  # not on the pooled server
+        for channel, payload in (("ext_a", "1"), ("Ext Both", "2"), ("ext_b", "3")):
+            direct.cursor().execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        assert [await asyncio.wait_for(got_a.get(), 10) for _ in range(2)] == [
+            (sender_pid, "ext_a", "1"), (sender_pid, "Ext Both", "2")]
+        assert [await asyncio.wait_for(got_b.get(), 10) for _ in range(2)] == [
+            (sender_pid, "Ext Both", "2"), (sender_pid, "ext_b", "3")]
+        await a.remove_listener("Ext Both", on_a)
+        await b.remove_listener("ext_b", on_b)
+        direct.cursor().execute("SELECT pg_notify('Ext Both', '4'), pg_notify('ext_b', '5'), pg_notify('ext_a', '6')")
+        assert await asyncio.wait_for(got_b.get(), 10) == (sender_pid, "Ext Both", "4")
+        assert await asyncio.wait_for(got_a.get(), 10) == (sender_pid, "ext_a", "6")
+        await asyncio.sleep(0.7)
+        assert got_a.empty() and got_b.empty()  # nothing after remove_listener
+        # listening again after remove_listener (asyncpg binds its cached statement: no Parse)
+        await a.add_listener("Ext Both", on_a)
+        direct.cursor().execute("SELECT pg_notify('Ext Both', '7')")
+        assert await asyncio.wait_for(got_a.get(), 10) == (sender_pid, "Ext Both", "7")
+        assert await asyncio.wait_for(got_b.get(), 10) == (sender_pid, "Ext Both", "7")
+        assert _pinned(relay) == 0
+        await a.close()
+        await b.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        direct.close()
+    assert "pinned to" not in relay.log()
+    wait_until(lambda: not listening_backends(pg), message="the listening server to close")
+
+
+def _ext(sql: str, describe: bool = False, name: str = "") -> bytes:
+    from ..support import message
+    out = message(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + struct.pack("!H", 0))
+    if describe:
+        out += message(b"D", b"S" + name.encode() + b"\0")
+    out += message(b"B", b"\0" + name.encode() + b"\0" + struct.pack("!HH", 0, 0) + struct.pack("!H", 0))
+    if describe:
+        out += message(b"D", b"P\0")
+    return out + message(b"E", b"\0" + struct.pack("!I", 0)) + message(b"S")
+
+
+@pytest.mark.parametrize("sql, describe", [
+    ("LISTEN raw_ext", False),
+    ("LISTEN raw_ext", True),
+    ('  listen "Raw Ext" ;', True),
+    ("LISTEN " + "t" * 70, False),  # truncated: PostgreSQL's NOTICE comes with the Parse
+    ("UNLISTEN raw_ext", False),
+    ("UNLISTEN *", True),
+])
+def test_extended_listen_in_one_packet_gets_postgresqls_replies(make_relay, pg, sql, describe):
+    relay = make_relay({"default_pool_size": 1, "admin_users": "postgres"})
+    direct, pooled = RawClient(pg.port), RawClient(relay.port)
+    direct.login()
+    pooled.login()
+    packet = _ext(sql, describe)
+    replies = []
+    for raw in (direct, pooled):
+        raw.send(packet)
+        replies.append(raw.read_until(b"Z"))
+    assert [k for k, _ in replies[1]] == [k for k, _ in replies[0]]
+    assert [b for k, b in replies[1] if k != b"N"] == [b for k, b in replies[0] if k != b"N"]
+    assert [error_fields(b)["M"] for k, b in replies[1] if k == b"N"] == \
+        [error_fields(b)["M"] for k, b in replies[0] if k == b"N"]
+    if sql.startswith("LISTEN"):
+        sender = connect(relay)
+        with sender.cursor() as cur:
+            cur.execute("NOTIFY " + sql.split(None, 1)[1].rstrip(" ;"))
+        pooled.sock.settimeout(10)
+        assert raw_notifications([pooled.read_message()])[0][2] == ""
+        sender.close()
+    assert not any(k == b"D" for k, _ in pooled.query("SELECT 1 FROM pg_listening_channels()"))
+    assert _pinned(relay) == 0
+    direct.close()
+    pooled.close()
+
+
+def test_extended_listen_prepared_then_bound_gets_postgresqls_replies(make_relay, pg):
+    """asyncpg's two steps by hand: Parse (named or unnamed), Describe, Flush; then Bind, Execute,
+    Sync (named: no Parse; unnamed: parsed again). Each step's replies are PostgreSQL's; a Bind
+    that PostgreSQL refuses (a parameter) gets its error from a server; nothing pins."""
+    from ..support import message
+    relay = make_relay({"default_pool_size": 1, "admin_users": "postgres"})
+    direct, pooled = RawClient(pg.port), RawClient(relay.port)
+    direct.login()
+    pooled.login()
+    flush, sync = message(b"H"), message(b"S")
+    exe = message(b"E", b"\0" + struct.pack("!I", 0))
+
+    def bind(name: str, params: int = 0) -> bytes:
+        return message(b"B", b"\0" + name.encode() + b"\0" + struct.pack("!HH", 1, 1) + struct.pack("!H", params)
+                       + b"\0\0\0\0" * params + struct.pack("!HH", 1, 1))
+
+    def prepare(name: str, sql: str) -> bytes:
+        return (message(b"P", name.encode() + b"\0" + sql.encode() + b"\0\0\0")
+                + message(b"D", b"S" + name.encode() + b"\0") + flush)
+
+    steps = [
+        (prepare("pgl_1", 'LISTEN "two step"'), b"n"), (bind("pgl_1") + exe + sync, b"Z"),
+        (prepare("", "LISTEN unnamed_step"), b"n"),
+        (message(b"P", b"\0LISTEN unnamed_step\0\0\0") + bind("") + exe + sync, b"Z"),
+        (message(b"P", b"\0LISTEN unnamed_step\0\0\0") + bind("", params=1) + exe + sync, b"Z"),  # 08P01 from the server
+        (prepare("pgl_2", 'UNLISTEN "two step"'), b"n"), (bind("pgl_2") + exe + sync, b"Z"),
+        (bind("pgl_1") + exe + sync, b"Z"),  # LISTEN again through the cached statement
+    ]
+    kinds = []
+    for data, until in steps:
+        want, got = [], []
+        for raw, out in ((direct, want), (pooled, got)):
+            raw.send(data)
+            out += raw.read_until(until)
+        assert [(k, b if k != b"E" else error_fields(b)["M"]) for k, b in got] == \
+            [(k, b if k != b"E" else error_fields(b)["M"]) for k, b in want]
+        kinds.append(b"".join(k for k, _ in got))
+    assert kinds == [b"1tn", b"2CZ", b"1tn", b"12CZ", b"1EZ", b"1tn", b"2CZ", b"2CZ"]
+    # asyncpg may write the Parse apart from the Bind, Execute, Sync that follow: two reads
+    for raw in (direct, pooled):
+        raw.send(prepare("", "LISTEN split_step"))
+        assert [k for k, _ in raw.read_until(b"n")] == [b"1", b"t", b"n"]
+    split = []
+    for raw in (direct, pooled):
+        raw.send(message(b"P", b"\0LISTEN split_step\0\0\0"))
+        time.sleep(0.2)
+        raw.send(bind("") + exe + sync)
+        split.append(raw.read_until(b"Z"))
+    assert split[1] == split[0] and [k for k, _ in split[1]] == [b"1", b"2", b"C", b"Z"]
+    sender = connect(relay)
+    with sender.cursor() as cur:
+        cur.execute('NOTIFY "two step", \'a\'')
+        cur.execute("NOTIFY unnamed_step, 'b'")
+        cur.execute("NOTIFY split_step, 'c'")
+    pooled.sock.settimeout(10)
+    assert [n[1:] for n in raw_notifications([pooled.read_message() for _ in range(3)])] == [
+        ("two step", "a"), ("unnamed_step", "b"), ("split_step", "c")]
+    assert not any(k == b"D" for k, _ in pooled.query("SELECT 1 FROM pg_listening_channels()"))
+    assert _pinned(relay) == 0 and "pinned to" not in relay.log()
+    sender.close()
+    direct.close()
+    pooled.close()
+
+
+def test_extended_listen_inside_a_transaction_keeps_postgresqls_semantics(make_relay, pg):
+    """Through the extended protocol, as through a Query: inside a transaction a LISTEN of a
+    channel the client has is a no-op, an UNLISTEN takes effect at COMMIT and not after ROLLBACK,
+    and a LISTEN of a new channel runs on the client's server (session_state = pin); the replies
+    are PostgreSQL's, ReadyForQuery 'T' included."""
+    relay = make_relay({"default_pool_size": 2, "admin_users": "postgres"})
+    direct, pooled = RawClient(pg.port), RawClient(relay.port)
+    direct.login()
+    pooled.login()
+    sender = connect(relay)
+
+    def both(data: bytes) -> list:
+        replies = []
+        for raw in (direct, pooled):
+            raw.send(data)
+            replies.append(raw.read_until(b"Z"))
+        assert replies[1] == replies[0]
+        return replies[1]
+
+    def notified(payload: str) -> list:
+        with sender.cursor() as cur:
+            cur.execute("SELECT pg_notify('txe', %s), pg_notify('txe_new', %s)", (payload, payload))
+        out = []
+        for raw in (direct, pooled):
+            got = raw_notifications(raw.query("SELECT 1"))  # delivered by the next ReadyForQuery
+            raw.sock.settimeout(0.5)
+            try:
+                while True:
+                    got += raw_notifications([raw.read_message()])
+            except OSError:
+                pass
+            raw.sock.settimeout(10)
+            out.append(sorted((c, p) for _, c, p in got))
+        assert out[1] == out[0]
+        return out[1]
+
+    both(query_message("LISTEN txe"))
+    both(query_message("BEGIN"))
+    assert [k for k, _ in both(_ext("LISTEN txe", True))] == [b"1", b"t", b"n", b"2", b"n", b"C", b"Z"]
+    assert both(_ext("UNLISTEN txe"))[-1] == (b"Z", b"T")
+    both(query_message("ROLLBACK"))
+    assert notified("1") == [("txe", "1")]  # the UNLISTEN was rolled back
+    both(query_message("BEGIN"))
+    both(_ext("UNLISTEN txe"))
+    both(query_message("COMMIT"))
+    assert notified("2") == []  # committed: gone
+    assert _pinned(relay) == 0
+    both(query_message("BEGIN"))
+    both(_ext("LISTEN txe_new"))  # a new channel inside a transaction: the server's, at COMMIT
+    both(query_message("COMMIT"))
+    assert notified("3") == [("txe_new", "3")]
+    assert wait_until(lambda: _pinned(relay) == 1)
+    both(_ext("UNLISTEN *"))
+    assert wait_until(lambda: _pinned(relay) == 0)
+    assert notified("4") == []
+    for raw in (direct, pooled):
+        raw.close()
+    sender.close()
+
+
+def test_extended_listen_refused_gets_its_error_where_postgresql_puts_it(make_relay):
+    """No listening server may be opened (max_db_connections = 1): the Execute's error comes after
+    ParseComplete and BindComplete, then ReadyForQuery, as an Execute that fails in PostgreSQL; the
+    client stays usable and nothing pins."""
+    relay = make_relay({"default_pool_size": 1, "max_db_connections": 1, "admin_users": "postgres"})
+    raw = RawClient(relay.port)
+    raw.login()
+    raw.send(_ext("LISTEN refused_ext", True))
+    reply = raw.read_until(b"Z")
+    assert [k for k, _ in reply] == [b"1", b"t", b"n", b"2", b"n", b"E", b"Z"]
+    fields = error_fields(reply[5][1])
+    assert (fields["S"], fields["C"]) == ("ERROR", "53300") and "max_db_connections" in fields["M"]
+    assert reply[-1] == (b"Z", b"I")
+    assert data_rows_ok(raw)
+    assert _pinned(relay) == 0
+    raw.close()

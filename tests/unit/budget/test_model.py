@@ -27,26 +27,41 @@ def worst(check, text: str, *args: str, host: str = H) -> str:
 
 
 def test_default_pool_size_is_the_pool_size(check):
-    assert worst(check, ini(MAIN, "default_pool_size = 7")) == "7"
+    # 7 servers, and the transaction pool's listening server (LISTEN, pgrelay.notify) beyond them
+    assert worst(check, ini(MAIN, "default_pool_size = 7")) == "8"
+
+
+def test_the_listening_server_counts_only_where_pgrelay_opens_one(check):
+    """Transaction and statement pools open one listening server beyond their size when a client
+    LISTENs; session pools (the client's own server listens) and session_state = allow (LISTEN
+    stays on the pooled server, as in PgBouncer) open none."""
+    assert worst(check, ini(MAIN, "default_pool_size = 7").replace("pool_mode = transaction",
+                                                                   "pool_mode = statement")) == "8"
+    assert worst(check, ini(MAIN, "default_pool_size = 7").replace("pool_mode = transaction",
+                                                                   "pool_mode = session")) == "7"
+    assert worst(check, ini(MAIN, "default_pool_size = 7\nsession_state = allow")) == "7"
+    assert worst(check, ini(MAIN, "default_pool_size = 7\nsession_state = error")) == "8"
+    # a cap bounds the listening server too: pgrelay counts it against max_db_connections
+    assert worst(check, ini(MAIN, "default_pool_size = 7\nmax_db_connections = 7")) == "7"
 
 
 def test_database_pool_size_wins_over_the_default(check):
-    assert worst(check, ini(MAIN + " pool_size=5", "default_pool_size = 7")) == "5"
+    assert worst(check, ini(MAIN + " pool_size=5", "default_pool_size = 7")) == "6"  # 5 + listening server
 
 
 def test_users_pool_size_wins_over_the_databases(check):
     """[users] pool_size of the client's role wins over the database's (PgBouncer); clients of roles
     without one get the database's, so the shared pool can be as large as the largest."""
-    assert worst(check, ini(MAIN + " pool_size=5", "default_pool_size = 7", "app = pool_size=9")) == "9"
-    assert worst(check, ini(MAIN + " pool_size=5", "default_pool_size = 7", "app = pool_size=3")) == "5"
+    assert worst(check, ini(MAIN + " pool_size=5", "default_pool_size = 7", "app = pool_size=9")) == "10"
+    assert worst(check, ini(MAIN + " pool_size=5", "default_pool_size = 7", "app = pool_size=3")) == "6"
 
 
 def test_reserve_adds_to_each_pool_by_precedence(check):
-    assert worst(check, ini(MAIN, "default_pool_size = 10\nreserve_pool_size = 3")) == "13"
-    assert worst(check, ini(MAIN + " reserve_pool=2", "default_pool_size = 10\nreserve_pool_size = 3")) == "12"
-    assert worst(check, ini(MAIN + " reserve_pool_size=2", "default_pool_size = 10\nreserve_pool_size = 3")) == "12"
+    assert worst(check, ini(MAIN, "default_pool_size = 10\nreserve_pool_size = 3")) == "14"  # 10 + 3 + 1
+    assert worst(check, ini(MAIN + " reserve_pool=2", "default_pool_size = 10\nreserve_pool_size = 3")) == "13"
+    assert worst(check, ini(MAIN + " reserve_pool_size=2", "default_pool_size = 10\nreserve_pool_size = 3")) == "13"
     assert worst(check, ini(MAIN + " reserve_pool_size=2", "default_pool_size = 10",
-                            "app = reserve_pool_size=6")) == "16"
+                            "app = reserve_pool_size=6")) == "17"
 
 
 def test_pool_size_zero_is_unbounded_until_a_cap_bounds_it(check):
@@ -64,7 +79,7 @@ def test_a_user_cap_spans_databases(check):
     text = ini(MAIN.replace("main", "a") + "\n" + MAIN.replace("main", "b"), "default_pool_size = 10",
                "app = max_user_connections=15")
     assert worst(check, text) == "15"
-    assert worst(check, text.replace("app = max_user_connections=15", "app = pool_mode=transaction")) == "20"
+    assert worst(check, text.replace("app = max_user_connections=15", "app = pool_mode=transaction")) == "22"  # 2 x (10 + 1)
 
 
 def test_database_line_cap_wins_over_the_global_one(check):
@@ -95,15 +110,16 @@ def test_a_session_port_doubles_the_pools(check):
     """A session port and a transaction port never share servers: one pool each per (database, user)."""
     text = ini(MAIN, "default_pool_size = 10", extra="[listeners]\nsession = port=6433 pool_mode=session\n")
     result = check(text)
-    assert result.value("worst case") == "20"
-    assert "2 x 10" in result.out
+    assert result.value("worst case") == "21"  # session 10, transaction 10 + its listening server
+    assert "1 x 10 + 1 x 11" in result.out
     same_mode = text.replace("pool_mode=session", "pool_mode=transaction")
-    assert worst(check, same_mode) == "10"
+    assert worst(check, same_mode) == "11"
 
 
 def test_a_dedicated_pooler_has_its_own_pools_and_caps_under_the_shared_ones(check):
     pooler = "[poolers]\nreports = default_pool_size=5 max_db_connections=3\n"
-    assert worst(check, ini(MAIN, "default_pool_size = 10", extra=pooler)) == "13"
+    # main: 10 + 1 listening; reports (transaction): 5 + 1 under its own cap of 3
+    assert worst(check, ini(MAIN, "default_pool_size = 10", extra=pooler)) == "14"
     capped = check(ini(MAIN + " max_db_connections=12", "default_pool_size = 10", extra=pooler))
     assert capped.value("worst case") == "12"
     assert "max_db_connections = 12 for database main" in capped.out
@@ -126,7 +142,7 @@ def test_health_checks_of_a_multi_host_database(check):
     result = check(ini("main = host=a.example.com,b.example.com user=app", "default_pool_size = 10"))
     for host in ("a.example.com:5432", "b.example.com:5432"):
         assert result.value("health checks", host) == "1"
-        assert result.value("worst case", host) == "11"
+        assert result.value("worst case", host) == "12"  # 10 + listening + health check
     single = check(ini(MAIN, "default_pool_size = 10"))
     assert single.value("health checks") == "0"
 
@@ -135,7 +151,7 @@ def test_direct_port_adds_max_direct_connections_under_the_shared_caps(check):
     direct = "[listeners]\ndirect = port=5433 role=direct\n"
     result = check(ini(MAIN, "default_pool_size = 10\nmax_direct_connections = 20", extra=direct))
     assert result.value("direct connections") == "40"  # the primary's and (|replica) the same host's
-    assert result.value("worst case") == "51"           # 10 + 40 + a health check (|replica asks)
+    assert result.value("worst case") == "52"           # 10 + 1 listening + 40 + a health check (|replica asks)
     capped = check(ini(MAIN + " max_db_connections=25", "default_pool_size = 10\nmax_direct_connections = 20",
                        extra=direct))
     # Primary pools and direct connections share the cap of 25; |replica ones have their own.
@@ -162,7 +178,7 @@ def test_clusters_are_uncountable(check):
     assert result.value("worst case") == "unbounded"
     assert "database names under cluster acme" in result.out
     off = check(text.replace("cluster_usernames = 1", "cluster_usernames = 0"))
-    assert off.value("worst case") == "10"
+    assert off.value("worst case") == "11"
     assert "[clusters] entries are not reachable: cluster_usernames is off" in off.out
 
 
@@ -170,7 +186,7 @@ def test_auth_query_sessions(check):
     two = MAIN + "\n" + MAIN.replace("main", "other")
     result = check(ini(two, "default_pool_size = 10\nauth_user = pgrelay_auth"))
     assert result.value("auth_query sessions") == "2"
-    assert result.value("worst case") == "22"
+    assert result.value("worst case") == "24"  # 2 x (10 + 1) + 2
     one = check(ini(two, "default_pool_size = 10\nauth_user = pgrelay_auth\nauth_dbname = main"))
     assert one.value("auth_query sessions") == "1"
     star = check(ini(MAIN + "\n* = host=h.example.com user=svc", "default_pool_size = 10\nmax_user_connections = 5\n"
@@ -184,17 +200,17 @@ def test_an_upstream_pooler_is_not_judged_against_postgresql(check):
     result = check(ini(MAIN, "default_pool_size = 10", extra=pooler))
     upstream = result.host("local.example.com:6432")
     assert "upstream pooler local.example.com:6432 (not PostgreSQL" in upstream
-    assert result.value("worst case", "local.example.com:6432") == "7"
+    assert result.value("worst case", "local.example.com:6432") == "8"  # 7 + the pooler's listening server
     assert "max_connections" not in upstream
-    assert result.value("worst case", H) == "10"
+    assert result.value("worst case", H) == "11"
     assert result.out.rstrip().endswith("result: fits on 1 host (exit status 0)")
 
 
 def test_setting_flags_and_variables_change_the_budget_as_they_change_pgrelay(check, monkeypatch):
     text = ini(MAIN, "default_pool_size = 10")
-    assert worst(check, text, "--default_pool_size", "4") == "4"
+    assert worst(check, text, "--default_pool_size", "4") == "5"  # + the listening server
     monkeypatch.setenv("PGRELAY_DEFAULT_POOL_SIZE", "6")
-    assert worst(check, text) == "6"
+    assert worst(check, text) == "7"
 
 
 def test_routing_plugins_the_check_cannot_see_are_named(check, tmp_path):

@@ -49,9 +49,10 @@ def test_small_server_fits_with_seven_left(check):
     result = check(SMALL, "--max-connections", "50")
     assert result.status == FITS, result.out
     report = result.host(HOST)
-    # The article's formula before the caps: 3 pools x 30, and any other user would get a pool too.
-    assert result.value("pools x (pool size + reserve)") == "unbounded"
-    assert "3 x 30 + pools of users not in [users]" in report
+    # The article's formula before the caps: 3 pools x 30, each with its listening server (31), and
+    # any other user would get a pool too.
+    assert result.value("pools x (size + reserve + listening)") == "unbounded"
+    assert "3 x 31 + pools of users not in [users]" in report
     assert result.value("pools under their caps") == "40"
     assert "max_db_connections = 40 for database main" in report
     assert result.value("worst case") == "40"
@@ -74,7 +75,7 @@ def test_small_server_without_the_database_cap_is_bounded_by_nothing(check):
 def test_large_server_fits_with_fifty_for_direct_and_superusers(check):
     result = check(LARGE, "--max-connections", "500")
     assert result.status == FITS, result.out
-    assert "3 x 200 + pools of users not in [users]" in result.out
+    assert "3 x 201 + pools of users not in [users]" in result.out  # 200 + the listening server
     assert result.value("worst case") == "450"
     assert "max_db_connections = 450 for database main" in result.out
     # The article's 50 "available for other purposes": 47 for anyone, 3 kept for superusers.
@@ -96,8 +97,10 @@ def test_single_tenant_fills_max_connections_and_leaves_no_room(check, forced_us
     assert "no room left for direct connections" in report
     assert "no room left for superuser connections either if pgrelay's server users are superusers" in report
     assert "sorry, too many clients already" in report
-    if forced_users:  # the article's arithmetic, as the pools x sizes term
-        assert "200 x 2" in report and result.value("pools x (pool size + reserve)") == "400"
+    if forced_users:  # the article's arithmetic, as the pools x sizes term (2 + a listening server each),
+        # which max_db_connections = 2 bounds to 400: pgrelay counts the listening server against it
+        assert "200 x 3" in report and result.value("pools x (size + reserve + listening)") == "600"
+        assert result.value("pools under their caps") == "400"
     else:
         assert "max_db_connections for 200 databases (2 each, 400 in all)" in report
 
