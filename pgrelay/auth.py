@@ -349,8 +349,10 @@ def tls_server_end_point(cert_der: bytes) -> bytes:
     return hashlib.new(name, cert_der).digest()
 
 
-def verify_plain(password: str, secret: str | None, user: str) -> bool:
-    """Check a cleartext password against a stored secret (plaintext, md5 or SCRAM)."""
+def verify_plain(password: str, secret: str | None, user: str, derived: "DerivedSecrets | None" = None) -> bool:
+    """Check a cleartext password against a stored secret (plaintext, md5 or SCRAM). With `derived`,
+    a SCRAM check reuses the verifier last derived for this user, salt and password (clients that
+    always send a cleartext password, such as serverless HTTP requests, then cost no PBKDF2 run)."""
     if secret is None or not password:
         return False
     if secret.startswith("md5") and len(secret) == 35:
@@ -358,8 +360,11 @@ def verify_plain(password: str, secret: str | None, user: str) -> bool:
         return hmac.compare_digest(computed, secret)
     scram = ScramSecret.parse(secret)
     if scram is not None:
-        derived = ScramSecret.from_password(password, scram.iterations, scram.salt)
-        return hmac.compare_digest(derived.stored_key, scram.stored_key)
+        if derived is not None:
+            computed = derived.get(user, password, scram.salt, scram.iterations)
+        else:
+            computed = ScramSecret.from_password(password, scram.iterations, scram.salt)
+        return hmac.compare_digest(computed.stored_key, scram.stored_key)
     return hmac.compare_digest(password.encode("utf-8"), secret.encode("utf-8"))
 
 

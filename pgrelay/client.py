@@ -54,9 +54,9 @@ class ClientConnection(Peer):
                  "close_reason", "spec", "limits", "leaving", "term_queries", "cancel_server", "touched",
                  "quiet_since", "xact_start", "virtual", "query_start", "txn_start", "decided_by", "protocol", "welcoming",
                  "listen", "extras", "baseline", "baseline_raw", "sstate", "pinned_by", "watch", "ps", "prep",
-                 "__weakref__")
+                 "transport", "__weakref__")
 
-    def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener"):
+    def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener", transport=None):
         self.relay = relay
         self.id = next(_ids)
         self.listener = listener
@@ -107,6 +107,10 @@ class ClientConnection(Peer):
         self.watch = None            # True: transaction/statement pooling, the text is searched (session_state)
         self.ps = None               # its named prepared statements, once it sent one (pgrelay.prepared)
         self.prep = False            # max_prepared_statements applies (transaction/statement pooling)
+        # What carries it when `sock` is a bridge, not the client's own socket (pgrelay.serverless):
+        # has .kind ("websocket", "http"), .tls (the outer connection's), .cleartext (it answers a
+        # cleartext password request, whatever the auth method) and .bearer (a token, or "").
+        self.transport = transport
 
     def __repr__(self) -> str:
         return f"C-{self.id}"
@@ -114,6 +118,11 @@ class ClientConnection(Peer):
     @property
     def state_name(self) -> str:
         return CLIENT_STATE_NAMES[self.state]
+
+    @property
+    def secure(self) -> bool:
+        """Whether the client's bytes reach pgrelay over TLS (its own, or its transport's)."""
+        return self.tls or (self.transport is not None and self.transport.tls)
 
     @property
     def label(self) -> str:
@@ -130,7 +139,7 @@ class ClientConnection(Peer):
                 if pairs is None:
                     return  # a cancel request, or a close after SSL/GSS negotiation
                 login = self._parse_startup(pairs)
-                if relay.client_tls.required and not self.tls:
+                if relay.client_tls.required and not self.secure:
                     raise RejectError(Reject("SSL required"))
                 spec = relay.parse_username(login)
                 if isinstance(spec, Reject):
@@ -306,7 +315,7 @@ class ClientConnection(Peer):
         if not direct:
             session_state.startup(self)
         return Login(client_id=self.id, listener=self.listener, peer=self.peer, user=self.user,
-                     database=self.database, params=dict(params), tls=self.tls)
+                     database=self.database, params=dict(params), tls=self.secure)
 
     def _welcome(self, server_params: list[tuple[str, str]], server: "ServerConnection | None" = None) -> None:
         """AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery. With the client's own

@@ -75,6 +75,12 @@ def authenticate(relay: "Relay", client: "ClientConnection", login: "Login", met
     The role authenticated is `login.spec.role` (the user name without cluster or suffix).
     """
     user = role(login)
+    transport = client.transport
+    if transport is not None and transport.cleartext and method != "cert":
+        # The Neon driver pipelines a cleartext PasswordMessage after its StartupMessage, so its
+        # transport is always asked for one (PostgreSQL's AuthenticationCleartextPassword).
+        _bridged(relay, client, login, method)
+        return
     if method in ("trust", "any"):
         return
     if method == "cert":
@@ -115,10 +121,29 @@ def _cleartext(relay: "Relay", client: "ClientConnection", login: "Login") -> No
     verdict = relay.check_password(login, password)
     if verdict is None:
         secret = relay.get_credentials(login, user)
-        verdict = verify_plain(password, secret, user)
+        verdict = verify_plain(password, secret, user, relay.derived_secrets)
     if not verdict:
         raise failed(user)
     relay.remember_secret(user, password)
+
+
+def _bridged(relay: "Relay", client: "ClientConnection", login: "Login", method: str) -> None:
+    """A bridged client (pgrelay.serverless): a cleartext password is requested whatever `method`
+    says; trust takes it unread, a bearer token a plugin accepts stands in for it, and any other
+    method checks it against the user's secret, which works for plaintext, md5 and SCRAM secrets."""
+    if method in ("trust", "any"):
+        client.stream.sendall(_auth_request(3))
+        _read_password_message(client)
+        return
+    token = client.transport.bearer
+    verdict = relay.check_bearer_token(login, token) if token else None
+    if verdict is None:
+        _cleartext(relay, client, login)
+        return
+    client.stream.sendall(_auth_request(3))
+    _read_password_message(client)
+    if not verdict:
+        raise failed(role(login))
 
 
 def _md5(relay: "Relay", client: "ClientConnection", login: "Login") -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .client import ClientConnection
     from .errors import Reject, ServerError
     from .health import HostState
+    from .listener import ListenerKinds
     from .pool import Pool
     from .relay import Relay
     from .routing import Database, HostAddr, Login, Route, UserSpec
@@ -108,6 +109,21 @@ def pgrelay_shutdown(relay: "Relay", mode: str) -> None:
     """
 
 
+@hookspec
+def pgrelay_add_listener_kinds(relay: "Relay", kinds: "ListenerKinds") -> None:
+    """Serve listeners that speak something other than PostgreSQL's protocol (the listener table).
+
+    :param kinds: the relay's listener table (``pgrelay.listener.ListenerKinds``): call
+        ``kinds.add(kind, accept)``. ``accept(sock, peer, listener)`` takes each connection accepted
+        on a ``[listeners]`` line of that kind (``listener.kind``), from the event loop, and must
+        return at once (spawn a greenlet). To serve PostgreSQL clients the connection carries, it
+        passes them to ``relay.accept(sock, peer, listener, transport)``. A kind may be served by
+        one plugin only; ``postgres`` is the core's own.
+
+    Called from: ``Relay.listener_kinds``, once, when the relay is built.
+    """
+
+
 # -- authentication ---------------------------------------------------------------------------
 
 @hookspec(firstresult=True)
@@ -140,6 +156,20 @@ def pgrelay_check_password(relay: "Relay", login: "Login", password: str) -> "bo
     :returns: True to accept, False to refuse, None to fall back to the stored secret.
 
     Called from: ``Relay.check_password``, during login, for the ``plain`` method.
+    """
+
+
+@hookspec(firstresult=True)
+def pgrelay_check_bearer_token(relay: "Relay", login: "Login", token: str) -> "bool | None":
+    """Check an ``Authorization: Bearer`` token sent with a serverless HTTP request (a JWT, say).
+
+    :returns: True to accept the login without a password, False to refuse it (the client gets
+        ``password authentication failed``), None to ignore the token and check the password
+        from the connection string as usual. No plugin implements it by default: README shows a
+        JWT example.
+
+    Called from: ``Relay.check_bearer_token``, during login, for clients whose transport carries
+        a token (``pgrelay.serverless``), before the password is checked.
     """
 
 

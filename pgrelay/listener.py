@@ -13,7 +13,7 @@ from gevent import get_hub
 
 from . import sockopts
 from .errors import ConfigError
-from .routing import Listener
+from .routing import POOLED, POSTGRES, Listener
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -37,6 +37,16 @@ class _Bound:
         self.watcher = get_hub().loop.io(sock.fileno(), 1)
 
 
+class ListenerKinds(dict):
+    """The listener table: listener kind -> accept(sock, peer, listener), filled by plugins
+    (pgrelay_add_listener_kinds); "postgres" is the core's own."""
+
+    def add(self, kind: str, accept) -> None:
+        if kind in self:
+            raise ConfigError(f"two plugins serve {kind} listeners")
+        self[kind] = accept
+
+
 class Listeners:
     """The relay's listening sockets: listen_addr x listen_port, plus the Unix socket, or the ones
     the service manager passed in their place (systemd socket activation)."""
@@ -49,6 +59,10 @@ class Listeners:
         config = self.relay.config
         errors = []
         specs = listener_specs(config)
+        for info, _ in specs:
+            if info.kind not in self.relay.accept_kinds:
+                raise ConfigError(f"listener {info.name!r}: no plugin serves {info.kind} listeners "
+                                  "(is the serverless plugin disabled?)")
         passed_tcp, passed_unix = self._adopt(specs)  # systemd socket activation
         for info, addrs in specs:
             for addr in () if info.port in passed_tcp else addrs:
@@ -57,7 +71,7 @@ class Listeners:
                         self._bind_tcp(family, sockaddr, info)
                 except OSError as exc:
                     errors.append(f"{addr}:{info.port}: {exc.strerror or exc}")
-            if config.unix_socket_dir and info.port not in passed_unix:
+            if config.unix_socket_dir and info.port not in passed_unix and info.kind == POSTGRES:
                 path = os.path.join(config.unix_socket_dir, f".s.PGSQL.{info.port}")
                 try:
                     self._bind_unix(path, info)
@@ -165,7 +179,7 @@ class Listeners:
                 sockopts.tune(sock, self.relay.config)  # tcp_keepalive etc., as they are now
                 peer = f"{addr[0]}:{addr[1]}"
             try:
-                self.relay.accept(sock, peer, bound.info)
+                self.relay.accept_kinds[bound.info.kind](sock, peer, bound.info)
             except Exception as exc:
                 self.relay.internal_error(exc, "accept", "could not set up a new client connection")
                 sock.close()
@@ -266,15 +280,25 @@ def listener_specs(config) -> list[tuple[Listener, tuple[str, ...]]]:
             raise ConfigError(f"{entry.where}: port {values['port']} is already used by {ports[values['port']]}")
         ports[values["port"]] = entry.key
         addrs = values["addr"] or tuple(config.listen_addr)
+        role, kind, options = values["role"], POSTGRES, ()
+        if role == "serverless":  # Neon's protocols (pgrelay.serverless), routed as a pooled port
+            role, kind = POOLED, "serverless"
+            options = tuple((key, values[key]) for key in ("tls_cert_file", "tls_key_file") if values[key])
+            if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+                raise ConfigError(f"{entry.where}: listener {entry.key!r} needs both tls_cert_file and tls_key_file")
+        elif values["tls_cert_file"] or values["tls_key_file"]:
+            raise ConfigError(f"{entry.where}: tls_cert_file and tls_key_file apply to role=serverless listeners only "
+                              "(PostgreSQL ports use client_tls_*)")
         specs.append((Listener(name=entry.key, addr=",".join(addrs), port=values["port"],
-                               pool_mode=values["pool_mode"] or None, role=values["role"],
-                               suffixes=values["suffixes"]), addrs))
+                               pool_mode=values["pool_mode"] or None, role=role,
+                               suffixes=values["suffixes"], kind=kind, options=options), addrs))
     return specs
 
 
 def _describe(info: Listener) -> str:
     mode = f", {info.pool_mode} pooling" if info.pool_mode else ""
-    return f"{info.name}: {info.role}{mode}"
+    role = info.kind if info.kind != POSTGRES else info.role
+    return f"{info.name}: {role}{mode}"
 
 
 def _resolve(addr: str, port: int):

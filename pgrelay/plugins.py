@@ -17,7 +17,7 @@ from .errors import ConfigError
 ENTRY_POINT_GROUP = "pgrelay"
 # Built-in plugins, registered first in this order (so third-party plugins are called before them).
 BUILTIN_PLUGINS = ("databases", "local_pooler", "limits", "errors", "auth", "usernames", "hosts", "direct",
-                   "dedicated_poolers", "admin", "metrics", "sentry", "systemd")
+                   "dedicated_poolers", "admin", "metrics", "sentry", "systemd", "serverless")
 
 
 def make_plugin_manager(extra: Sequence[str] = (), disabled: Sequence[str] = ()) -> pluggy.PluginManager:

@@ -158,3 +158,18 @@ def quote_literal(value: str) -> str:
     if "\x00" in value:
         raise ValueError("a NUL cannot be quoted as a PostgreSQL literal")
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def data_row(body: bytes) -> list[str | None]:
+    """The values of a DataRow in text format (NULL is None), decoded as UTF-8."""
+    count = int.from_bytes(body[:2], "big")
+    pos, out = 2, []
+    for _ in range(count):
+        length = int.from_bytes(body[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(body[pos:pos + length].decode("utf-8", "replace"))
+            pos += length
+    return out

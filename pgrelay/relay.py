@@ -21,12 +21,12 @@ from .auth import DerivedSecrets, ScramClient, ScramSecret
 from .config import Config, load_config
 from .control import Control, ControlError
 from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, ProtocolViolation, Reject, RejectError
-from .listener import Listeners, listener_specs
+from .listener import ListenerKinds, Listeners, listener_specs
 from .plugins import make_plugin_manager
 from .pool import CL_CLOSED, SV_ACTIVE, SV_DRAIN, UNLINKED_SPARE, Pool
 from .protocol import quote_literal
 from .health import HealthMonitor
-from .routing import PRIMARY, Database, HostAddr, Login, Route, UserSpec
+from .routing import POSTGRES, PRIMARY, Database, HostAddr, Login, Route, UserSpec
 from .settings import SettingsRegistry, core_registry
 from .tls import client_tls, server_tls
 
@@ -74,6 +74,7 @@ class Relay:
         self._janitor = None
         self._apply_config()
         self.configure()
+        self.accept_kinds = self.listener_kinds()  # listener kind -> accept(sock, peer, listener)
 
     def _apply_config(self, tls=None) -> None:
         """Derived state of the current config: tracked parameters and TLS contexts (re-read on reload)."""
@@ -244,9 +245,11 @@ class Relay:
 
     # -- clients and servers ------------------------------------------------------------------------
 
-    def accept(self, sock, peer: str, listener) -> None:
+    def accept(self, sock, peer: str, listener, transport=None) -> None:
+        """A new PostgreSQL client on `sock`. `transport` describes what carries it when that is not
+        the socket itself (a WebSocket or HTTP request bridged in by pgrelay.serverless)."""
         from .client import ClientConnection
-        client = ClientConnection(self, sock, peer, listener)
+        client = ClientConnection(self, sock, peer, listener, transport)
         self.clients[client.id] = client
         gevent.spawn(client.run_login)
 
@@ -514,6 +517,15 @@ class Relay:
 
     def check_client_limits(self, login: Login) -> Reject | None:
         return self.hook.pgrelay_check_client_limits(relay=self, login=login)
+
+    def listener_kinds(self) -> "ListenerKinds":
+        """The listener table: PostgreSQL's own protocol, plus the kinds plugins serve."""
+        kinds = ListenerKinds({POSTGRES: self.accept})
+        self.hook.pgrelay_add_listener_kinds(relay=self, kinds=kinds)
+        return kinds
+
+    def check_bearer_token(self, login: Login, token: str) -> bool | None:
+        return self.hook.pgrelay_check_bearer_token(relay=self, login=login, token=token)
 
     def virtual_database(self, login: Login):
         """The VirtualDatabase (pgrelay.virtual) that serves this login itself, or None."""

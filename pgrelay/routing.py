@@ -8,6 +8,7 @@ from typing import Hashable, Mapping
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 PRIMARY, REPLICA = "primary", "replica"
 DIRECT, POOLED = "direct", "pooled"
+POSTGRES = "postgres"
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class HostAddr:
 
 @dataclass(frozen=True)
 class Listener:
-    """A listening endpoint as hooks see it: its name, its role (direct or pooled), its pool mode."""
+    """A listening endpoint as hooks see it: its name, its role (direct or pooled), its pool mode, and
+    the protocol it speaks (`kind`: "postgres", or one a plugin serves, such as "serverless")."""
 
     name: str
     addr: str
@@ -35,6 +37,8 @@ class Listener:
     pool_mode: str | None = None
     role: str = POOLED
     suffixes: bool = True
+    kind: str = POSTGRES
+    options: tuple[tuple[str, str], ...] = ()  # the kind's own keys from its [listeners] line
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ def swallow(server: "ServerConnection", data: bytes) -> None:
             if server.client is not None:
                 server.client.write(bytes(buf[start:end]), server)
         elif kind == _D:
-            row = _data_row(body)
+            row = tuple(protocol.data_row(body))
             if len(row) == 3:  # the probe's rows (a SET batch's set_config rows have one column)
                 rows.append(row)
         elif kind == _S:
@@ -223,20 +223,6 @@ def swallow(server: "ServerConnection", data: bytes) -> None:
             _done(server, what, rows)
             return
     del buf[:pos]
-
-
-def _data_row(body: bytes) -> tuple:
-    count = int.from_bytes(body[:2], "big")
-    pos, out = 2, []
-    for _ in range(count):
-        length = int.from_bytes(body[pos:pos + 4], "big", signed=True)
-        pos += 4
-        if length < 0:
-            out.append(None)
-        else:
-            out.append(body[pos:pos + length].decode("utf-8", "replace"))
-            pos += length
-    return tuple(out)
 
 
 def _done(server: "ServerConnection", probe: tuple, rows: list) -> None:

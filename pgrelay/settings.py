@@ -334,13 +334,19 @@ PLANNED_SETTINGS: list[Setting] = [
 LISTENER_KEYS = [
     Setting("port", Int(0), "0", False, "TCP port (also names its Unix socket); required.", section="listeners"),
     Setting("addr", LIST, "", False, "Addresses to listen on; default: listen_addr.", section="listeners"),
-    Setting("role", Enum("direct", "pooled"), "pooled", False,
-            "direct: each client gets its own server connection; pooled: the local pooler and dedicated poolers.",
+    Setting("role", Enum("direct", "pooled", "serverless"), "pooled", False,
+            "direct: each client gets its own server connection; pooled: the local pooler and dedicated poolers; "
+            "serverless: Neon's HTTP /sql and WebSocket protocols, routed as pooled.",
             section="listeners"),
     Setting("pool_mode", Enum("", "session", "transaction", "statement"), "", False,
             "Pool mode of this port's pools, overriding [users], [databases] and the global setting.",
             section="listeners"),
     Setting("suffixes", BOOL, "1", False, "Whether user names may carry a |suffix on this port.",
+            section="listeners"),
+    Setting("tls_cert_file", STR, "", False,
+            "role=serverless: serve HTTPS and WSS with this certificate (default: client_tls_cert_file).",
+            section="listeners"),
+    Setting("tls_key_file", STR, "", False, "role=serverless: the private key of tls_cert_file.",
             section="listeners"),
 ]
 
@@ -368,8 +374,8 @@ def core_registry() -> SettingsRegistry:
     for setting in PLANNED_SETTINGS + CORE_SETTINGS:
         registry.add(setting)
     registry.add_section("pgbouncer", "pgrelay's own settings (also accepted as [pgrelay]).")
-    registry.add_section("listeners", "Extra listening ports, one line each: name = port=N role=direct|pooled "
-                                      "[pool_mode=...] [addr=...] [suffixes=0]. The main listener is listen_addr:listen_port, "
+    registry.add_section("listeners", "Extra listening ports, one line each: name = port=N role=direct|pooled|serverless "
+                                      "[pool_mode=...] [addr=...] [suffixes=0] [tls_cert_file=... tls_key_file=...]. The main listener is listen_addr:listen_port, "
                                       "role pooled.")
     for setting in LISTENER_KEYS:
         registry.add(setting)

@@ -25,9 +25,10 @@ _PEERCRED = struct.Struct("3i")
 
 
 def peer_uid(client: "ClientConnection") -> int | None:
-    """The Unix user id of a client on a Unix socket (SO_PEERCRED), else None."""
+    """The Unix user id of a client on a Unix socket (SO_PEERCRED), else None. A bridged client
+    (client.transport: its socket is pgrelay's own socketpair) has none."""
     sock = client.sock
-    if getattr(sock, "family", None) != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+    if client.transport is not None or getattr(sock, "family", None) != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
         return None
     try:
         _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
@@ -39,7 +40,7 @@ def peer_uid(client: "ClientConnection") -> int | None:
 def peer_pid(client: "ClientConnection") -> int:
     """The process id of a client on a Unix socket (SO_PEERCRED), else 0 (PgBouncer's remote_pid)."""
     sock = client.sock
-    if getattr(sock, "family", None) != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+    if client.transport is not None or getattr(sock, "family", None) != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
         return 0
     try:
         return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]

@@ -21,6 +21,7 @@ that were routed).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
@@ -372,6 +373,20 @@ class RelayCollector:
         yield _by_state("pgrelay_clients", "Client connections by state", CLIENT_STATE_NAMES[:4], clients)
         yield _by_state("pgrelay_servers", "Server connections by state",
                         [n for n in SERVER_STATE_NAMES if n != "closed"], servers)
+
+        by_listener = GaugeMetricFamily("pgrelay_listener_clients", "Client connections by listener and transport "
+                                        "(postgres, websocket, http)", labels=["listener", "transport"])
+        counts = collections.Counter((c.listener.name, c.transport.kind if c.transport is not None else "postgres")
+                                     for c in clients)
+        for (name, kind), count in sorted(counts.items()):
+            by_listener.add_metric([name, kind], count)
+        yield by_listener
+        requests = CounterMetricFamily("pgrelay_serverless_requests", "Serverless HTTP requests answered, by "
+                                       "listener and status (WebSocket upgrades count as 101)",
+                                       labels=["listener", "status"])
+        for (name, status), count in sorted(relay.plugin_data.get("serverless_requests", {}).items()):
+            requests.add_metric([name, str(status)], count)
+        yield requests
 
         yield self._disconnects(relay)
         failures = CounterMetricFamily("pgrelay_auth_failures", "Clients that failed authentication, by reason",

@@ -580,11 +580,14 @@ def databases_entry(relay, database: str | None) -> str | None:
 # -- tags ------------------------------------------------------------------------------------------------
 
 def tags_for(client=None, server=None, pool=None) -> dict[str, str]:
-    """database, user, pool, listener, route, host and pool_mode, as far as they are known."""
+    """database, user, pool, listener, transport, route, host and pool_mode, as far as they are known."""
     tags: dict[str, Any] = {}
     if client is not None:
         tags.update(database=client.database, user=client.user,
                     listener=getattr(client.listener, "name", None))
+        transport = getattr(client, "transport", None)
+        if transport is not None:  # carried by a serverless listener: "websocket" or "http"
+            tags["transport"] = transport.kind
         if server is None:
             server = client.server
         if pool is None:

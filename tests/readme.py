@@ -72,12 +72,14 @@ def _sections(lines: list[str]) -> list[str]:
 
 
 def classify(text: str) -> str:
-    """What a literal block is: ini, userlist, hba, sql, psql, console (psql ... pgbouncer -c "CMD"), log,
-    json, shell, python or toml ("unknown" otherwise)."""
+    """What a literal block is: ini, userlist, hba, sql, psql, console (psql ... pgbouncer -c "CMD"), curl,
+    neon (a Node program using @neondatabase/serverless), log, json, shell, python or toml ("unknown" otherwise)."""
     lines = [line for line in text.splitlines() if line.strip()]
     first = lines[0].strip()
     if first.startswith("# ") and first.endswith(".toml"):
         return "toml"
+    if "@neondatabase/serverless" in text:
+        return "neon"
     if (first.startswith("# ") and first.endswith(".py") or "@hookimpl" in text
             or re.search(r"^import |^from \S+ import", text, re.M)):
         return "python"
@@ -85,6 +87,8 @@ def classify(text: str) -> str:
         return "console"
     if all(line.startswith("psql ") for line in lines):
         return "psql"
+    if all(line.startswith("curl ") for line in lines):
+        return "curl"
     if all(LOG_LINE.match(line) for line in lines):
         return "log"
     if all(line.startswith("{") and line.rstrip().endswith("}") for line in lines):

@@ -267,6 +267,72 @@ class RawClient:
         self.sock.close()
 
 
+def local_certificate(directory, name: str = "cert"):
+    """A trustme CA and a certificate it issued for localhost and 127.0.0.1, written to
+    directory/<name>.pem and <name>-key.pem; returns (ca, cert_path, key_path)."""
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_path, key_path = os.path.join(directory, f"{name}.pem"), os.path.join(directory, f"{name}-key.pem")
+    cert.cert_chain_pems[0].write_to_path(cert_path)
+    cert.private_key_pem.write_to_path(key_path)
+    return ca, cert_path, key_path
+
+
+class WsClient(RawClient):
+    """A RawClient whose bytes travel in binary WebSocket frames (a serverless listener), as the
+    Neon driver sends them: `frame_size` splits what it sends into frames of that many bytes."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10, target: str = "/v2",
+                 frame_size: int = 0, sock=None):
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+        self.sock = sock or socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.frame_size = frame_size
+        self.events: list = []  # events other than data, as they came (CloseConnection, Pong ...)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host=f"{host}:{port}", target=target)))
+        while not any(isinstance(e, AcceptConnection) for e in self.events):
+            self._pump()
+
+    def _pump(self) -> None:
+        from wsproto.events import BytesMessage, Ping
+        chunk = self.sock.recv(65536)
+        self.ws.receive_data(chunk or None)
+        for event in self.ws.events():
+            if isinstance(event, BytesMessage):
+                self.buf += event.data
+            elif isinstance(event, Ping):
+                self.sock.sendall(self.ws.send(event.response()))
+            else:
+                self.events.append(event)
+        if not chunk:
+            raise EOFError(f"connection closed with {len(self.buf)} bytes buffered")
+
+    def send(self, data: bytes) -> None:
+        from wsproto.events import BytesMessage
+        size = self.frame_size or len(data) or 1
+        for i in range(0, len(data), size):
+            self.sock.sendall(self.ws.send(BytesMessage(data=data[i:i + size])))
+
+    def recv_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._pump()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def closed(self, timeout: float = 5) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                self._pump()
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+
 def error_fields(body: bytes) -> dict[str, str]:
     fields = {}
     for part in body.split(b"\0"):

@@ -25,7 +25,8 @@ INI_BLOCKS = [b for b in BLOCKS if b.kind == "ini"]
 EXPECTED = {("Connection options", "psql"), ("Connection options", "ini"), ("Authentication", "ini"),
             ("Authentication", "userlist"), ("Authentication", "hba"), ("Authentication", "sql"),
             ("TLS", "ini"), ("TLS", "psql"), ("Database and user definitions", "ini"), ("Plugins", "python"),
-            ("Plugins", "toml"), ("Running pgrelay", "shell")}
+            ("Plugins", "toml"), ("Running pgrelay", "shell"), ("Connection options", "curl"),
+            ("Connection options", "neon")}
 
 
 def load(tmp_path, text: str, name: str = "readme.ini") -> Relay:
@@ -62,7 +63,9 @@ def test_connection_options_configuration_is_what_pgrelay_builds(tmp_path):
     from pgrelay.listener import listener_specs
     listeners = {spec.name: spec for spec, _ in listener_specs(relay.config)}
     assert {name: (s.port, s.role, s.pool_mode) for name, s in listeners.items()} == {
-        "main": (6432, "pooled", None), "direct": (5432, "direct", None), "session": (5433, "pooled", "session")}
+        "main": (6432, "pooled", None), "direct": (5432, "direct", None), "session": (5433, "pooled", "session"),
+        "serverless": (4444, "pooled", None)}
+    assert listeners["serverless"].kind == "serverless"
     poolers = relay.plugin_data["poolers"]
     assert {name: (p.target, p.default_pool_size) for name, p in poolers.items()} == {
         "read-bouncer": ("replica", 20), "write-bouncer": ("primary", 10)}

@@ -27,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROGRESS: set[str] = set()  # settings being implemented right now; empty when nothing is
 
 SE = "tests/integration/test_settings_enforced.py"
+SERVERLESS_HTTP = "tests/integration/test_serverless_http.py"
+SERVERLESS_WS = "tests/integration/test_serverless_websocket.py"
 OPS = "tests/integration/test_operations.py"
 PARAMS = "tests/integration/test_parameters.py"
 SESSION_STATE = "tests/integration/test_session_state.py"
@@ -251,6 +253,14 @@ ENFORCED_BY: dict[str, list[str]] = {
     "[listeners] role": [f"{OPTIONS}::test_direct_clients_have_their_own_backends"],
     "[listeners] pool_mode": [f"{OPTIONS}::test_session_port_next_to_transaction_port"],
     "[listeners] suffixes": [f"{OPTIONS}::test_bad_user_names"],
+    "[listeners] tls_cert_file": [f"{SERVERLESS_WS}::test_wss_with_the_listeners_own_certificate"],
+    "[listeners] tls_key_file": [f"{SERVERLESS_WS}::test_wss_with_the_listeners_own_certificate"],
+    # -- the serverless endpoint
+    "serverless_max_request_size": [f"{SERVERLESS_HTTP}::test_body_over_the_request_limit_gets_413"],
+    "serverless_max_response_size": [f"{SERVERLESS_HTTP}::test_huge_response_gets_507_and_the_server_comes_back_clean"],
+    "serverless_request_timeout": [f"{SERVERLESS_HTTP}::test_slow_headers_are_cut_off"],
+    "serverless_idle_timeout":
+        [f"{SERVERLESS_HTTP}::test_idle_keep_alive_connection_is_closed_after_serverless_idle_timeout"],
     # -- [poolers]
     "[poolers] target": [f"{POOLERS}::test_replica_pooler_reaches_the_replica"],
     "[poolers] pool_mode": [f"{POOLERS}::test_primary_pooler_in_session_mode_with_two_servers"],

@@ -45,7 +45,8 @@ def show_listeners(ctx, arg):
         bound.setdefault(info.port, []).append(where if item.unix_path else "tcp")
     rows = []
     for info, addrs in listener_specs(relay.config):
-        rows.append((info.name, info.role, ",".join(addrs), info.port, info.pool_mode,
+        role = info.role if info.kind == "postgres" else info.kind  # role=serverless as configured
+        rows.append((info.name, role, ",".join(addrs), info.port, info.pool_mode,
                      "yes" if info.suffixes else "no", ",".join(bound.get(info.port, []))))
     return ResultSet(LISTENERS_COLUMNS, rows)
 

@@ -228,7 +228,10 @@ def show_pools(ctx, arg):
 
 def client_row(relay, client, now: float):
     addr, port = split_peer(client.peer, relay)
-    laddr, lport = local_addr(client.sock, relay)
+    if client.transport is not None:  # bridged (serverless): where its HTTP or WebSocket connection came in
+        laddr, lport = client.transport.local
+    else:
+        laddr, lport = local_addr(client.sock, relay)
     if client.state == CL_WAITING:
         state, wait = "waiting", now - client.wait_start
     else:

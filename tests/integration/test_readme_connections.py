@@ -6,8 +6,10 @@ addresses and ports become the test servers and free ports, and HOST becomes 127
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import subprocess
 
 import psycopg
@@ -18,6 +20,7 @@ from pgrelay.config import parse_connstr, read_ini
 from pgrelay.tempdb import free_port
 
 from .. import readme
+from ..drivers import node_driver  # noqa: F401  (session fixture)
 from ..support import RelayProcess, stop_relays
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -277,3 +280,36 @@ def test_quick_start_string_against_the_demo_configuration(start, servers, tmp_p
     # The demo's main port is 6432 when it is free; the README shows that one.
     conninfo = with_ports(QUICK_START[0].conninfo, {6432: relay.port})
     assert psql(conninfo) == f"1|f|{servers.primary.port}|postgres|postgres"
+
+
+# -- Connection options: the serverless endpoint's curl and Node examples ---------------------------
+
+def _serverless_text(text: str, layout) -> str:
+    return text.replace("HOST", "127.0.0.1").replace(":4444", f":{layout.readme_ports[4444]}")
+
+
+def test_serverless_curl_examples(layout, servers):
+    lines = [line for line in readme.one_block("curl", "Connection options").text.splitlines() if line.strip()]
+    replies = []
+    for line in lines:
+        out = subprocess.run(shlex.split(_serverless_text(line, layout)), capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out
+        replies.append(json.loads(out.stdout))
+    # JSON-typed rows as objects: curl sends neither Neon-Raw-Text-Output nor Neon-Array-Mode.
+    assert replies[0]["rows"] == [{"n": 42}] and replies[0]["fields"][0]["dataTypeID"] == 23
+    assert replies[1]["rows"] == [{"pg_is_in_recovery": True}]  # app|read-bouncer: the replica pooler
+
+
+def test_serverless_node_example(layout, servers, node_driver):
+    node, edge = [b for b in readme.blocks() if b.kind == "neon" and b.section == "Connection options"]
+    # The edge-runtime example needs TLS on port 443 and a runtime's fetch handler: it must parse.
+    (node_driver.dir / "readme_edge.mjs").write_text(edge.text)
+    checked = subprocess.run([node_driver.node, "--check", str(node_driver.dir / "readme_edge.mjs")],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    program = node_driver.dir / "readme_app.mjs"
+    program.write_text(_serverless_text(node.text, layout))
+    out = subprocess.run([node_driver.node, str(program)], cwd=str(node_driver.dir), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"answer": 42, "a": 1, "b": 2, "greeting": "hello"}

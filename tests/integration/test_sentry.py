@@ -94,7 +94,8 @@ def no_proxy_env() -> dict:
                                   "ALL_PROXY")} | {"no_proxy": "*", "NO_PROXY": "*"}
 
 
-def start(make_relay, tmp_path, pg, dsn: str | None, settings: dict | None = None, plugins=(), name=None):
+def start(make_relay, tmp_path, pg, dsn: str | None, settings: dict | None = None, plugins=(), name=None,
+          extra_sections: str = ""):
     users = tmp_path / f"{name or 'relay'}-users.txt"
     users.write_text(f'"alice" "{ALICE_MD5}"\n"carol" "{CAROL_VERIFIER}"\n"dan" "{DAN_PW}"\n')
     conf = {"auth_type": "md5", "auth_file": str(users), "server_login_retry": "1", "sentry_event_window": "2"}
@@ -115,7 +116,7 @@ def start(make_relay, tmp_path, pg, dsn: str | None, settings: dict | None = Non
         "dropdb": f"{base} user=sentry_bob password='{WRONG_DB_PW}'",
     }
     kw = {"name": name} if name else {}
-    return make_relay(settings=conf, databases=databases, env=no_proxy_env(), **kw)
+    return make_relay(settings=conf, databases=databases, env=no_proxy_env(), extra_sections=extra_sections, **kw)
 
 
 def alice(relay, dbname="postgres", password=ALICE_PW):
@@ -142,6 +143,29 @@ def by_kind(kind: str):
 
 
 # -- internal errors ------------------------------------------------------------------------------------------
+
+def test_a_serverless_clients_error_is_tagged_with_its_listener_and_transport(make_relay, tmp_path, refusing_pg,
+                                                                              receiver):
+    """A WebSocket client of a serverless listener sends its password in clear text (the Neon
+    driver's pipelined login): the event names the listener and transport, and holds no secret."""
+    from pgrelay.tempdb import free_port
+    from tests.support import WsClient, startup_packet
+    port = free_port()
+    relay = start(make_relay, tmp_path, refusing_pg, receiver.dsn, plugins=[("boom_router", BOOM_ROUTER)],
+                  extra_sections=f"[listeners]\nserverless = port={port} role=serverless\n")
+    relay.expected_bugs = ("internal error during login", "pooler error: internal error",
+                           "Traceback (most recent call last)")
+    ws = WsClient(port)
+    password = ALICE_PW.encode() + b"\0"
+    ws.send(startup_packet("alice", "boomdb") + b"p" + (len(password) + 4).to_bytes(4, "big") + password)
+    assert ws.read_message() == (b"R", b"\0\0\0\3")
+    assert ws.read_error()["M"] == "internal error"
+    event = receiver.wait_for_events()[0]
+    tags = event["tags"]
+    assert (tags["phase"], tags["listener"], tags["transport"], tags["user"]) == \
+        ("login", "serverless", "websocket", "alice")
+    assert_no_secret(receiver)
+
 
 def test_a_plugin_bug_during_login_is_reported_with_its_tags_and_no_secret(make_relay, tmp_path, refusing_pg,
                                                                          receiver):

@@ -29,10 +29,12 @@ BUILTIN_HOOKS = {
                "pgrelay_server_login_failed", "pgrelay_startup"],
     "systemd": ["pgrelay_reload", "pgrelay_reload_failed", "pgrelay_reloading", "pgrelay_shutdown",
                 "pgrelay_startup"],
+    "serverless": ["pgrelay_add_listener_kinds", "pgrelay_add_settings"],
 }
-# The module of each built-in plugin: the admin console is a subpackage of pgrelay (a wing), the
-# others live in plugins/ (installed as pgrelay_plugins).
-BUILTIN_MODULES = {name: "pgrelay.admin" if name == "admin" else f"pgrelay_plugins.{name}" for name in BUILTIN_HOOKS}
+# The module of each built-in plugin: the admin console and the serverless endpoint are
+# subpackages of pgrelay (wings), the others live in plugins/ (installed as pgrelay_plugins).
+WINGS = {"admin": "pgrelay.admin", "serverless": "pgrelay.serverless.plugin"}
+BUILTIN_MODULES = {name: WINGS.get(name, f"pgrelay_plugins.{name}") for name in BUILTIN_HOOKS}
 
 ROUTING_PLUGIN = '''
 from pgrelay import hookimpl, Reject, Route, HostAddr
@@ -87,7 +89,7 @@ def test_builtins_registered_in_order():
     pm = make_plugin_manager()
     assert names(pm) == list(BUILTIN_PLUGINS)
     assert BUILTIN_PLUGINS == ("databases", "local_pooler", "limits", "errors", "auth", "usernames", "hosts",
-                               "direct", "dedicated_poolers", "admin", "metrics", "sentry", "systemd")
+                               "direct", "dedicated_poolers", "admin", "metrics", "sentry", "systemd", "serverless")
     for name in BUILTIN_PLUGINS:
         assert pm.get_plugin(name).__name__ == BUILTIN_MODULES[name]
 

@@ -58,3 +58,20 @@ def test_repr_shows_no_secret():
     for text in (repr(cache), str(cache), repr(secret)):
         assert "Very-Secret-Pw" not in text
         assert base64.b64encode(secret.stored_key).decode() not in text
+
+
+def test_cleartext_checks_against_a_scram_secret_derive_once(counting):
+    """A cleartext password checked against a stored SCRAM verifier (serverless clients always send
+    one) derives once per password, and a wrong one is still refused."""
+    from pgrelay.auth import verify_plain
+    verifier = ScramSecret.from_password("right-1", 4096, os.urandom(16))
+    text = verifier.encode()
+    assert ScramSecret.parse(text) is not None
+    cache = DerivedSecrets()
+    counting.pbkdf2_calls = 0
+    assert all(verify_plain("right-1", text, "alice", cache) for _ in range(50))
+    assert counting.pbkdf2_calls == 1
+    assert not verify_plain("wrong", text, "alice", cache)
+    assert verify_plain("right-1", text, "alice", cache)
+    assert counting.pbkdf2_calls == 3
+    assert verify_plain("right-1", text, "alice") and not verify_plain("wrong", text, "alice")
