@@ -269,6 +269,17 @@ def enabled(client: "ClientConnection") -> bool:
                 and client.relay.config.values.get("session_state", "pin") != "allow")
 
 
+
+def _codecs(client, hub) -> tuple | None:
+    """(client, database, server) codecs to read a LISTEN's text with, or None if one is unknown."""
+    welcome = dict(client.pool.welcome or ())
+    server_codec = hub.codec if hub is not None else codec(welcome.get("client_encoding"))
+    db_codec = codec(welcome.get("server_encoding"))
+    client_codec = codec(client_encoding(client))
+    if client_codec is None or server_codec is None or db_codec is None:
+        return None
+    return client_codec, db_codec, server_codec
+
 def intercept(client: "ClientConnection", data: bytes, queries: int = 1) -> bool:
     """Client hot path, after the cheap trigger (one simple Query, or an unnamed Parse, starting
     with TRIGGER, no server linked): serve it here if it is a LISTEN/UNLISTEN statement. Returns
@@ -286,13 +297,10 @@ def intercept(client: "ClientConnection", data: bytes, queries: int = 1) -> bool
         return False
     pool = client.pool
     hub = pool.listening
-    welcome = dict(pool.welcome or ())
-    server_codec = hub.codec if hub is not None else codec(welcome.get("client_encoding"))
-    db_codec = codec(welcome.get("server_encoding"))
-    client_codec = codec(client_encoding(client))
-    if client_codec is None or server_codec is None or db_codec is None:
+    codecs = _codecs(client, hub)
+    if codecs is None:
         return False
-    stmt = parse(bytes(data[5:]), client_codec, db_codec, server_codec)
+    stmt = parse(bytes(data[5:]), *codecs)
     if stmt is None:
         return False
     if hub is None:
@@ -467,13 +475,10 @@ def extended(client: "ClientConnection", data: bytes, server=None, names=None, p
     query, parsed, replies = found
     pool = client.pool
     hub = pool.listening
-    welcome = dict(pool.welcome or ())
-    server_codec = hub.codec if hub is not None else codec(welcome.get("client_encoding"))
-    db_codec = codec(welcome.get("server_encoding"))
-    client_codec = codec(client_encoding(client))
-    if client_codec is None or server_codec is None or db_codec is None:
+    codecs = _codecs(client, hub)
+    if codecs is None:
         return False
-    stmt = parse(query, client_codec, db_codec, server_codec)
+    stmt = parse(query, *codecs)
     if stmt is None:
         return False
     listen = client.listen
