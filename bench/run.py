@@ -33,12 +33,15 @@ LOGIN_THREADS = 50
 USER = DATABASE = "postgres"
 HOW_TO_GET_PGBOUNCER = "pgbouncer not found: install it with `apt-get install pgbouncer`"
 
-# The targets from the issue.
-TARGET_TPS_RATIO = 0.8        # pgrelay tps >= 0.8 x PgBouncer's, 50 clients, transaction mode
-TARGET_CPU_RATIO = 1.5        # pgrelay CPU per transaction <= 1.5 x PgBouncer's, same cells
+# The targets of issue 12 (one process).
+TARGET_TPS_RATIO = 1.0        # pgrelay tps >= PgBouncer's, 50 and 500 clients, transaction mode
+TARGET_CPU_RATIO = 1.2        # pgrelay CPU per transaction <= 1.2 x PgBouncer's, 50 clients
+TARGET_USER_CPU_RATIO = 2.0   # pgrelay user CPU per transaction <= 2 x PgBouncer's, 50 clients
+TARGET_ADDED_LATENCY_MS = 0.01  # one client: pgrelay's added latency over direct within 0.01 ms of PgBouncer's
 TARGET_IDLE_BYTES = 10 * 1024  # pgrelay RSS per idle client <= 10 KB
 TARGET_CLIENTS = 50
-TARGET_MODES = ("simple", "extended")
+TARGET_MANY_CLIENTS = 500
+TARGET_MODES = ("simple", "extended", "prepared-txn")
 # prepared-txn: pgbench -M prepared through the transaction-mode poolers (named statements renamed
 # per server, pgrelay.prepared; PgBouncer needs 1.21+ and max_prepared_statements for it).
 PREPARED_TXN = "prepared-txn"
@@ -82,11 +85,17 @@ def progress(text: str) -> None:
 
 # -- /proc ---------------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    return sum(cpu_times(pid))
 
 
 def rss_bytes(pid: int) -> int:
@@ -266,6 +275,7 @@ class Run:
     latency_ms: float | None = None
     transactions: int = 0
     cpu_seconds: float | None = None   # the pooler's CPU during the run; None for direct
+    user_seconds: float | None = None  # the user-mode part of cpu_seconds
     error: str | None = None
 
     @property
@@ -273,6 +283,12 @@ class Run:
         if self.cpu_seconds is None or not self.transactions:
             return None
         return self.cpu_seconds * 10_000 / self.transactions
+
+    @property
+    def user_per_10k(self) -> float | None:
+        if self.user_seconds is None or not self.transactions:
+            return None
+        return self.user_seconds * 10_000 / self.transactions
 
 
 def parse_pgbench(output: str) -> Run:
@@ -288,15 +304,16 @@ def run_pgbench(pgbench: str, port: int, mode: str, clients: int, duration: int,
                 pooler: Pooler | None) -> Run:
     cmd = [pgbench, "-n", "-S", "-M", "prepared" if mode == PREPARED_TXN else mode, "-c", str(clients), "-j", "2", "-T", str(duration),
            "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE]
-    cpu_before = cpu_seconds(pooler.pid) if pooler else 0.0
+    cpu_before = cpu_times(pooler.pid) if pooler else (0.0, 0.0)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300)
-    cpu_after = cpu_seconds(pooler.pid) if pooler else 0.0
+    cpu_after = cpu_times(pooler.pid) if pooler else (0.0, 0.0)
     if result.returncode != 0:
         log = f"\n{pooler.name} log:\n{pooler.log_tail(5)}" if pooler else ""
         return Run(error=f"pgbench exited with {result.returncode}:\n{result.stderr.strip()[-2000:]}{log}")
     run = parse_pgbench(result.stdout)
     if pooler:
-        run.cpu_seconds = cpu_after - cpu_before
+        run.cpu_seconds = sum(cpu_after) - sum(cpu_before)
+        run.user_seconds = cpu_after[0] - cpu_before[0]
     return run
 
 
@@ -525,7 +542,7 @@ def format_table(headers: list[str], rows: list[list[str]], left: int = 1) -> st
 def throughput_table(cells: list[Cell]) -> str:
     headers = ["mode", "pool_mode", "clients",
                "direct tps", "lat ms", "PgBouncer tps", "lat ms", "pgrelay tps", "lat ms", "pgrelay/PgB tps",
-               "PgB CPU s/10k tx", "pgrelay CPU s/10k tx", "CPU ratio"]
+               "PgB CPU s/10k tx", "pgrelay CPU s/10k tx", "CPU ratio", "user CPU ratio"]
     rows = []
     for cell in cells:
         row = [cell.mode, cell.pool_mode, str(cell.clients)]
@@ -537,6 +554,7 @@ def throughput_table(cells: list[Cell]) -> str:
             run = cell.best.get(name)
             row.append(fmt(run.cpu_per_10k if run else None, ".3f"))
         row.append(fmt(cell.ratio("cpu_per_10k"), ".2f"))
+        row.append(fmt(cell.ratio("user_per_10k"), ".2f"))
         rows.append(row)
     return format_table(headers, rows, left=2)
 
@@ -546,6 +564,15 @@ def memory_table(memory: dict[str, IdleMemory]) -> str:
     rows = [[LABELS[kind], str(m.clients), f"{m.rss_before / 2**20:.1f}", f"{m.rss_after / 2**20:.1f}",
              f"{m.per_client:.0f}"] for kind, m in memory.items()]
     return format_table(headers, rows)
+
+
+def added_latency_gap(cell: Cell) -> float | None:
+    """pgrelay's latency over direct minus PgBouncer's latency over direct (ms)."""
+    runs = [cell.best.get(name) for name in TARGETS]
+    if not all(runs):
+        return None
+    direct, pgbouncer, pgrelay = (run.latency_ms for run in runs)
+    return (pgrelay - direct) - (pgbouncer - direct)
 
 
 def check_targets(cells: list[Cell], memory: dict[str, IdleMemory]) -> list[tuple[str, str, bool | None]]:
@@ -559,6 +586,17 @@ def check_targets(cells: list[Cell], memory: dict[str, IdleMemory]) -> list[tupl
                        fmt(tps, ".2f", "x"), None if tps is None else tps >= TARGET_TPS_RATIO))
         checks.append((f"CPU per transaction <= {TARGET_CPU_RATIO}x PgBouncer, {mode}, {TARGET_CLIENTS} clients",
                        fmt(cpu, ".2f", "x"), None if cpu is None else cpu <= TARGET_CPU_RATIO))
+        user = cell.ratio("user_per_10k") if cell else None
+        checks.append((f"user CPU per transaction <= {TARGET_USER_CPU_RATIO}x PgBouncer, {mode}, {TARGET_CLIENTS} clients",
+                       fmt(user, ".2f", "x"), None if user is None else user <= TARGET_USER_CPU_RATIO))
+        many = next((c for c in cells if c.mode == mode and c.clients == TARGET_MANY_CLIENTS), None)
+        many_tps = many.ratio("tps") if many else None
+        checks.append((f"tps >= {TARGET_TPS_RATIO}x PgBouncer, {mode}, {TARGET_MANY_CLIENTS} clients, transaction mode",
+                       fmt(many_tps, ".2f", "x"), None if many_tps is None else many_tps >= TARGET_TPS_RATIO))
+        one = next((c for c in cells if c.mode == mode and c.clients == 1), None)
+        added = added_latency_gap(one) if one else None
+        checks.append((f"1 client: added latency over direct within {TARGET_ADDED_LATENCY_MS} ms of PgBouncer's, {mode}",
+                       fmt(added, "+.3f", " ms"), None if added is None else added <= TARGET_ADDED_LATENCY_MS))
     ours = {c.mode: c.best.get("pgrelay") for c in cells if c.clients == TARGET_CLIENTS}
     prepared, extended = ours.get(PREPARED_TXN), ours.get("extended")
     ratio = prepared.tps / extended.tps if prepared and extended and extended.tps else None
@@ -589,7 +627,8 @@ def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory:
         f"{PREPARED_TXN}: -M prepared through the transaction-mode poolers (pgrelay renames named statements per "
         f"server, max_prepared_statements=200; PgBouncer is left out below version "
         f"{'.'.join(map(str, PGBOUNCER_PREPARED_VERSION))}, which cannot run it).",
-        "CPU s/10k tx: the pooler process's utime+stime during the run per 10,000 transactions.",
+        "CPU s/10k tx: the pooler process's utime+stime during the run per 10,000 transactions; user CPU ratio: "
+        "utime alone, pgrelay over PgBouncer.",
         "",
         throughput_table(cells),
         "",
