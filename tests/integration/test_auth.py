@@ -792,7 +792,8 @@ def fake_server():
 
 
 @pytest.mark.parametrize("scenario,sqlstate,text", [
-    ("iterations", "08006", "server login failed: unacceptable SCRAM iteration count '1000000000'"),
+    ("iterations", "08006", "server login failed: unacceptable SCRAM iteration count 1000000000: over pgrelay's limit of "
+     "100000, refused as a CPU denial of service"),
     ("nonce", "08006", "server login failed: server nonce does not extend the client nonce"),
     ("nosqlstate", "XX000", "fake server says no"),
 ])
