@@ -1,11 +1,13 @@
-"""Process chores of PgBouncer's command line: the pidfile check, daemonizing (-d) and switching the
-Unix user (-u / user)."""
+"""Process chores of PgBouncer's command line: the pidfile check, the file-descriptor limit,
+daemonizing (-d) and switching the Unix user (-u / user)."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import re
+import resource
 import sys
 
 from .errors import ConfigError
@@ -41,6 +43,48 @@ def check_pidfile(path: str) -> None:
                     raise ConfigError(f"could not remove stale pidfile: {exc2.strerror}") from None
                 return
     raise ConfigError(f"pidfile '{path}' exists, another instance running?")
+
+
+FD_SPARE = 10  # PgBouncer's "+10 is just in case": listeners, log file, pidfile, the event loop
+POOL_SIZE = re.compile(r"(?:^|\s)pool_size\s*=\s*'?(\d+)")
+FORCED_USER = re.compile(r"(?:^|\s)user\s*=")
+
+
+def expected_fd_use(config) -> int:
+    """PgBouncer's check_limits estimate: max_client_conn + 10, plus for each [databases] line its
+    pool_size (else default_pool_size) times the [users] lines (one more for a forced user)."""
+    users = len(config.section("users"))
+    total = config.max_client_conn + FD_SPARE
+    for entry in config.section("databases"):
+        size = POOL_SIZE.search(entry.value)
+        per_pool = int(size.group(1)) if size else config.default_pool_size
+        total += per_pool * max(1, users + (1 if FORCED_USER.search(entry.value) else 0))
+    return total
+
+
+def check_fd_limit(config) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit when it is below what `config` may use, and
+    log PgBouncer's line about it (a warning when even the hard limit is too low). Returns the
+    (soft, hard) limit in force afterwards."""
+    expected = expected_fd_use(config)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    target = expected if hard == infinite else hard
+    if soft != infinite and soft < expected and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("raised the kernel file descriptor limit from %d to %d", soft, target)
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the kernel file descriptor limit from %d to %d: %s", soft, target, exc)
+    shown_hard = -1 if hard == resource.RLIM_INFINITY else hard
+    log.info("kernel file descriptor limit: %d (hard: %d); max_client_conn: %d, max expected fd use: %d",
+             soft, shown_hard, config.max_client_conn, expected)
+    if soft != resource.RLIM_INFINITY and soft < expected:
+        log.warning("kernel file descriptor limit %d is below the max expected fd use %d: clients beyond it "
+                    "are refused; raise LimitNOFILE= (systemd) or ulimit -Hn, or lower max_client_conn",
+                    soft, expected)
+    return soft, hard
 
 
 def daemonize() -> int:

@@ -99,6 +99,7 @@ class Relay:
         logs.setup(self.config)
         for warning in self.config.warnings:
             log.warning("%s", warning)
+        process.check_fd_limit(self.config)
         self.listeners.start()
         if self.config.user:  # -u / user: after binding (ports below 1024), before the pidfile
             process.change_user(self.config.user)
