@@ -312,7 +312,9 @@ class ServerConnection(Peer):
                     break
                 self._parameter_status(buf[pos + 5:end])
             elif kind == _C and (end > n or buf[pos + 7] in _STATE_TAG[buf[pos + 5]]) and self.pool.mode:
-                if end > n:  # a CommandComplete is small: read it whole
+                if end > n:  # a CommandComplete is small: read it whole (bounded, as the carry is)
+                    if length > MAX_SERVER_META_MESSAGE:
+                        raise ProtocolViolation("oversized CommandComplete")
                     break
                 session_state.tag_seen(self, bytes(buf[pos + 5:end]))  # SET, PREPARE, LISTEN, CREATE...
             elif kind == _E:
