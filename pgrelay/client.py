@@ -5,13 +5,14 @@ from __future__ import annotations
 import itertools
 import logging
 import select
+import socket
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from gevent import Timeout
 
-from . import keys, login_link, logs, notify, prepared, protocol, recovery, session_state, virtual
+from . import keys, login_link, logs, notify, prepared, protocol, proxy_protocol, recovery, session_state, virtual
 from .errors import (QUERY_CANCELED, ClientGone, LoginTimeout, PgRelayError, ProtocolViolation,
                      Reject, RejectError)
 from .peer import Peer
@@ -54,7 +55,7 @@ class ClientConnection(Peer):
                  "close_reason", "spec", "limits", "leaving", "term_queries", "cancel_server", "touched",
                  "quiet_since", "xact_start", "virtual", "query_start", "txn_start", "decided_by", "protocol", "welcoming",
                  "listen", "extras", "baseline", "baseline_raw", "sstate", "pinned_by", "watch", "ps", "prep",
-                 "transport", "__weakref__")
+                 "transport", "proxy", "__weakref__")
 
     def __init__(self, relay: "Relay", sock, peer: str, listener: "Listener", transport=None):
         self.relay = relay
@@ -111,6 +112,7 @@ class ClientConnection(Peer):
         # has .kind ("websocket", "http"), .tls (the outer connection's), .cleartext (it answers a
         # cleartext password request, whatever the auth method) and .bearer (a token, or "").
         self.transport = transport
+        self.proxy = None            # the PROXY header it began with (pgrelay.proxy_protocol), if any
 
     def __repr__(self) -> str:
         return f"C-{self.id}"
@@ -217,6 +219,8 @@ class ClientConnection(Peer):
         stream = self.stream
         negotiated = set()
         tls = self.relay.client_tls
+        if self.listener.proxy_protocol and self.transport is None and not self._read_proxy_header():
+            return None
         if tls.enabled and stream.peek_byte() == 0x16:
             self._start_tls(direct=True)  # libpq 17+ sslnegotiation=direct: a ClientHello first
         while True:
@@ -264,6 +268,46 @@ class ClientConnection(Peer):
             if reply:
                 stream.sendall(reply)
             return pairs
+
+    def _read_proxy_header(self) -> bool:
+        """A proxy_protocol listener: a trusted address's connection begins with a PROXY header, whose
+        source becomes our peer; any other's may not. Reads no byte past the header (what follows may
+        be a TLS ClientHello), so it peeks first and consumes only header bytes. False: closed."""
+        trusted = proxy_protocol.is_trusted(self.peer, self.relay.config.proxy_protocol_trusted)
+        stream = self.stream
+        if not trusted:
+            if self.peer != "unix" and proxy_protocol.could_be_header(bytes([stream.peek_byte()])):
+                self.disconnect("PROXY header from untrusted address")
+                return False
+            return True
+        sock, got = self.sock, b""
+        limit = proxy_protocol.V2_HEADER + proxy_protocol.V2_MAX_PAYLOAD
+        while True:
+            try:
+                peeked = sock.recv(limit - len(got), socket.MSG_PEEK)
+            except WOULD_BLOCK:
+                stream._wait(stream.rw)
+                continue
+            if not peeked:
+                raise ClientGone("unexpected eof in the PROXY header")
+            result = proxy_protocol.parse(got + peeked)
+            if isinstance(result, proxy_protocol.Header):
+                got += sock.recv(result.length - len(got))  # present: peeked just now
+                break
+            if isinstance(result, proxy_protocol.Malformed):
+                self.disconnect(f"bad PROXY header: {result.reason}")
+                return False
+            got += sock.recv(len(peeked))  # all of it header: take it, wait for the rest
+            if len(got) >= limit:
+                self.disconnect("bad PROXY header: too long")
+                return False
+        info = result.info
+        self.proxy = info
+        if info.peer is not None:
+            if self.relay.config.verbose:
+                log.debug("%s PROXY header: client address %s", self.label, info.peer)
+            self.peer = info.peer
+        return True
 
     def _start_tls(self, direct: bool) -> None:
         stream = self.stream
@@ -315,7 +359,7 @@ class ClientConnection(Peer):
         if not direct:
             session_state.startup(self)
         return Login(client_id=self.id, listener=self.listener, peer=self.peer, user=self.user,
-                     database=self.database, params=dict(params), tls=self.secure)
+                     database=self.database, params=dict(params), tls=self.secure, proxy=self.proxy)
 
     def _welcome(self, server_params: list[tuple[str, str]], server: "ServerConnection | None" = None) -> None:
         """AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery. With the client's own

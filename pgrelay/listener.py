@@ -269,8 +269,8 @@ def listener_specs(config) -> list[tuple[Listener, tuple[str, ...]]]:
     """The main listener plus the [listeners] entries, validated; raises ConfigError naming the line."""
     from .config import parse_options
     from .settings import LISTENER_KEYS
-    specs = [(Listener(name="main", addr=",".join(config.listen_addr), port=config.listen_port),
-              tuple(config.listen_addr))]
+    specs = [(Listener(name="main", addr=",".join(config.listen_addr), port=config.listen_port,
+                       proxy_protocol=config.proxy_protocol), tuple(config.listen_addr))]
     ports = {config.listen_port: "listen_port"}
     for entry in config.section("listeners"):
         values = parse_options(entry, LISTENER_KEYS, "listeners")
@@ -289,16 +289,26 @@ def listener_specs(config) -> list[tuple[Listener, tuple[str, ...]]]:
         elif values["tls_cert_file"] or values["tls_key_file"]:
             raise ConfigError(f"{entry.where}: tls_cert_file and tls_key_file apply to role=serverless listeners only "
                               "(PostgreSQL ports use client_tls_*)")
+        proxy = values["proxy_protocol"] == "1" if values["proxy_protocol"] else config.proxy_protocol
+        if proxy and kind != POSTGRES:
+            if values["proxy_protocol"] == "1":
+                raise ConfigError(f"{entry.where}: proxy_protocol applies to PostgreSQL ports only, not role={values['role']}")
+            proxy = False
         specs.append((Listener(name=entry.key, addr=",".join(addrs), port=values["port"],
                                pool_mode=values["pool_mode"] or None, role=role,
-                               suffixes=values["suffixes"], kind=kind, options=options), addrs))
+                               suffixes=values["suffixes"], kind=kind, options=options,
+                               proxy_protocol=proxy), addrs))
+    if not config.proxy_protocol_trusted and any(info.proxy_protocol for info, _ in specs):
+        raise ConfigError("proxy_protocol is on but proxy_protocol_trusted is empty: set the addresses "
+                          "of the proxies that send PROXY headers")
     return specs
 
 
 def _describe(info: Listener) -> str:
     mode = f", {info.pool_mode} pooling" if info.pool_mode else ""
     role = info.kind if info.kind != POSTGRES else info.role
-    return f"{info.name}: {role}{mode}"
+    proxy = ", PROXY protocol" if info.proxy_protocol else ""
+    return f"{info.name}: {role}{mode}{proxy}"
 
 
 def _resolve(addr: str, port: int):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping
+from typing import TYPE_CHECKING, Hashable, Mapping
+
+if TYPE_CHECKING:
+    from .proxy_protocol import ProxyInfo
 
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 PRIMARY, REPLICA = "primary", "replica"
@@ -39,6 +42,7 @@ class Listener:
     suffixes: bool = True
     kind: str = POSTGRES
     options: tuple[tuple[str, str], ...] = ()  # the kind's own keys from its [listeners] line
+    proxy_protocol: bool = False  # connections from proxy_protocol_trusted begin with a PROXY header
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class Login:
     params: Mapping[str, str] = field(default_factory=dict)
     tls: bool = False
     spec: UserSpec | None = None
+    # The PROXY protocol header the connection began with (pgrelay.proxy_protocol.ProxyInfo: source,
+    # destination, v2 TLVs, aws_vpce_id, gcp_psc_connection_id), or None; `peer` is then its source.
+    proxy: "ProxyInfo | None" = None
 
 
 @dataclass(frozen=True)

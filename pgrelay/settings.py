@@ -92,6 +92,18 @@ class List(SettingType):
         return tuple(word.strip() for word in text.split(",") if word.strip())
 
 
+class Networks(List):
+    """Comma-separated IP addresses or CIDRs (10.0.0.0/8, ::1), checked; parsed into a tuple of words."""
+
+    name = "list of addresses/CIDRs"
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        from .proxy_protocol import check_trusted
+        words = super().parse(text)
+        check_trusted(words)
+        return words
+
+
 STR, BOOL, SECONDS, LIST = Str(), Bool(), Seconds(), List()
 INT = Int()
 POOL_MODE = Enum("session", "transaction", "statement")
@@ -188,6 +200,14 @@ CORE_SETTINGS: list[Setting] = [
       "SO_REUSEPORT on the TCP listening sockets: several pgrelay processes may listen on the same port and the "
       "kernel spreads new connections over them (rolling restarts, using more cores). Give each process its own "
       "unix_socket_dir (or none). Linux and the BSDs; an error where the OS lacks it."),
+    S("proxy_protocol", BOOL, "0", False,
+      "Accept the HAProxy PROXY protocol (v1 and v2) on the TCP listeners ([listeners] lines may set their own "
+      "proxy_protocol=): a connection from a proxy_protocol_trusted address must begin with a PROXY header, whose "
+      "client address then stands for the connection's (auth_hba_file, logs, SHOW CLIENTS, "
+      "application_name_add_host, plugins); from any other address a PROXY header is refused."),
+    S("proxy_protocol_trusted", Networks(), "", True,
+      "Addresses or CIDRs (comma-separated) of the proxies allowed to send a PROXY header; empty: nobody, so "
+      "proxy_protocol needs it set."),
     # TCP options of every client and server TCP socket (never Unix sockets), set when the socket is
     # opened: a reload applies to new connections.
     S("tcp_keepalive", BOOL, "1", True,
@@ -343,6 +363,9 @@ LISTENER_KEYS = [
             section="listeners"),
     Setting("suffixes", BOOL, "1", False, "Whether user names may carry a |suffix on this port.",
             section="listeners"),
+    Setting("proxy_protocol", Enum("", "0", "1"), "", False,
+            "0 or 1: this port's own proxy_protocol (PROXY headers from proxy_protocol_trusted); empty: the "
+            "global setting. Not with role=serverless.", section="listeners"),
     Setting("tls_cert_file", STR, "", False,
             "role=serverless: serve HTTPS and WSS with this certificate (default: client_tls_cert_file).",
             section="listeners"),
@@ -375,7 +398,7 @@ def core_registry() -> SettingsRegistry:
         registry.add(setting)
     registry.add_section("pgbouncer", "pgrelay's own settings (also accepted as [pgrelay]).")
     registry.add_section("listeners", "Extra listening ports, one line each: name = port=N role=direct|pooled|serverless "
-                                      "[pool_mode=...] [addr=...] [suffixes=0] [tls_cert_file=... tls_key_file=...]. The main listener is listen_addr:listen_port, "
+                                      "[pool_mode=...] [addr=...] [suffixes=0] [proxy_protocol=0|1] [tls_cert_file=... tls_key_file=...]. The main listener is listen_addr:listen_port, "
                                       "role pooled.")
     for setting in LISTENER_KEYS:
         registry.add(setting)

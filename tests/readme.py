@@ -73,9 +73,12 @@ def _sections(lines: list[str]) -> list[str]:
 
 def classify(text: str) -> str:
     """What a literal block is: ini, userlist, hba, sql, psql, console (psql ... pgbouncer -c "CMD"), curl,
-    neon (a Node program using @neondatabase/serverless), log, json, shell, python or toml ("unknown" otherwise)."""
+    neon (a Node program using @neondatabase/serverless), log, json, shell, python, toml or haproxy
+    (an haproxy.cfg section in TCP mode) ("unknown" otherwise)."""
     lines = [line for line in text.splitlines() if line.strip()]
     first = lines[0].strip()
+    if re.match(r"(global|defaults|frontend|backend|listen)\b", first) and "mode tcp" in text:
+        return "haproxy"
     if first.startswith("# ") and first.endswith(".toml"):
         return "toml"
     if "@neondatabase/serverless" in text:

@@ -26,7 +26,7 @@ EXPECTED = {("Connection options", "psql"), ("Connection options", "ini"), ("Aut
             ("Authentication", "userlist"), ("Authentication", "hba"), ("Authentication", "sql"),
             ("TLS", "ini"), ("TLS", "psql"), ("Database and user definitions", "ini"), ("Plugins", "python"),
             ("Plugins", "toml"), ("Running pgrelay", "shell"), ("Connection options", "curl"),
-            ("Connection options", "neon")}
+            ("Connection options", "neon"), ("Running pgrelay", "haproxy")}
 
 
 def load(tmp_path, text: str, name: str = "readme.ini") -> Relay:
@@ -180,3 +180,18 @@ def test_readme_json_log_lines_parse():
     for line in lines:
         entry = json.loads(line)
         assert {"time", "level", "pid", "message"} <= set(entry), line
+
+
+def test_readme_haproxy_configuration_is_valid(tmp_path):
+    """`haproxy -c` accepts the README's HAProxy sections as written (the installed haproxy; .ci/run
+    installs it, and the PROXY protocol integration test runs one)."""
+    import shutil
+    import subprocess
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    blocks = [b for b in BLOCKS if b.kind == "haproxy"]
+    assert blocks
+    for block in blocks:
+        cfg = tmp_path / f"haproxy-{block.line}.cfg"
+        cfg.write_text("defaults\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n\n" + block.text)
+        done = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, (block.line, done.stdout, done.stderr)

@@ -80,6 +80,9 @@ ENFORCED_BY: dict[str, list[str]] = {
     "sentry_release": ["tests/plugins/test_sentry.py::test_dsn_setting_reports_with_environment_release_and_defaults"],
     "sentry_sample_rate": ["tests/plugins/test_sentry.py::test_sample_rate"],
     "sentry_event_window": ["tests/plugins/test_sentry.py::test_repeats_within_the_window_become_one_event_with_a_count"],
+    "proxy_protocol": ["tests/integration/test_proxy_protocol.py::test_v1_and_v2_headers_give_the_real_address_to_show_clients_logs_and_application_name"],
+    "proxy_protocol_trusted": ["tests/integration/test_proxy_protocol.py::test_untrusted_sender_of_a_header_is_refused_and_plain_clients_are_served"],
+    "[listeners] proxy_protocol": ["tests/integration/test_proxy_protocol.py::test_listener_key_and_required_trusted_list"],
     "so_reuseport": ["tests/integration/test_rolling_restart.py::test_rolling_restart_with_so_reuseport_loses_no_transaction"],
     # -- caps shared across pools, client caps, the reserve pool (issue 8)
     "max_db_connections": [lim("test_max_db_connections_is_shared_by_users_ports_and_poolers_and_clients_queue"),
