@@ -73,8 +73,9 @@ def read_ini(text: str, filename: str, ini: IniFile | None = None, depth: int = 
             try:
                 with open(path, encoding="utf-8") as f:
                     included = f.read()
-            except OSError as exc:
-                raise ConfigError(f"{filename}:{number}: cannot read included file {path}: {exc.strerror}") from None
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in the name, or the file is not UTF-8
+                reason = exc.strerror if isinstance(exc, OSError) else exc
+                raise ConfigError(f"{filename}:{number}: cannot read included file {path}: {reason}") from None
             read_ini(included, path, ini, depth + 1, section)
             continue
         if line.startswith("["):
@@ -131,8 +132,7 @@ class _IniFileParser(configargparse.ConfigFileParser):
             if name in ("pgbouncer", "pgrelay") or name in self.registry.sections:
                 continue
             where = entries[0].where if entries else self.path
-            if name == "peers" or self.lenient:
-                self.warnings.append(f"{where}: section [peers] is not implemented by pgrelay yet and is ignored")
+            if self.lenient:
                 continue
             raise ConfigError(f"{where}: unknown section [{name}]")
         return values

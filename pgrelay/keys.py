@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
-from . import protocol
+from . import peers, protocol
 from .errors import FEATURE_NOT_SUPPORTED, Reject, RejectError
 
 if TYPE_CHECKING:
@@ -66,10 +66,18 @@ def issue(client: "ClientConnection", server: "ServerConnection | None" = None) 
     client and serves the next one: each client gets a fresh secret, so that a key a departed
     client still knows never cancels its successor's query. Either way pgrelay checks each
     CancelRequest against the client holding the key and forwards it with the server's own key.
+    With peer_id set, every key is pgrelay's own, stamped with the peer id (as PgBouncer's are).
     """
     relay = client.relay
     keys = relay.cancel_keys
     length = secret_length(client.protocol)
+    peer_id = relay.config.peer_id
+    if peer_id:  # peering: every key is pgrelay's own and names this process (pgrelay.peers)
+        while True:
+            key = peers.stamp(secrets.token_bytes(4 + length), peer_id)
+            if key not in keys:
+                keys[key] = client
+                return key
     if server is not None and len(server.key) > 4:
         pid = server.key[:4]
         secret = server.key[4:]

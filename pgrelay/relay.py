@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import gevent
 from gevent.event import Event
 
-from . import client_auth, logs, process
+from . import client_auth, logs, peers, process
 from .auth import DerivedSecrets, ScramClient, ScramSecret
 from .config import Config, load_config
 from .control import Control, ControlError
@@ -90,6 +90,7 @@ class Relay:
                                                if p.lower() not in {t.lower() for t in BUILTIN_TRACKED})
         self.tracked_index = {name.lower(): i for i, name in enumerate(self.tracked)}
         self.ignored_startup_parameters = {p.lower() for p in config.ignore_startup_parameters}
+        self.peers = peers.parse(config, getattr(self, "peers", None))  # [peers], validated on load and reload
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class Relay:
         try:
             tls = client_tls(self.config), server_tls(self.config)  # refuse unreadable certificates now
             listener_specs(new)  # a bad [listeners] line is refused even though ports wait for a restart
+            peers.parse(self.config)  # a bad [peers] line is refused with file and line
             self.configure()
         except ConfigError as exc:
             log.error("config reload failed, keeping the old configuration: %s", exc)
@@ -294,7 +296,12 @@ class Relay:
 
     def cancel(self, key: bytes):
         """A CancelRequest: forward it only to the server currently running this client's query.
+        With peer_id set, a key naming another peer goes to that peer (pgrelay.peers).
         Returns the greenlet forwarding it (None if nothing was forwarded)."""
+        if self.config.peer_id:
+            key, forwarding = peers.route_cancel(self, key)
+            if key is None:
+                return forwarding
         client = self.cancel_keys.get(key)
         if client is None or client.state == CL_CLOSED:
             return None

@@ -27,8 +27,9 @@ class Str(SettingType):
 class Int(SettingType):
     name = "int"
 
-    def __init__(self, minimum: int | None = 0, base: int = 10):
+    def __init__(self, minimum: int | None = 0, base: int = 10, maximum: int | None = None):
         self.minimum = minimum
+        self.maximum = maximum
         self.base = base
         if base == 8:
             self.name = "octal"
@@ -41,6 +42,8 @@ class Int(SettingType):
             raise ValueError(f"invalid integer {text!r}") from None
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"{value} is below the minimum {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{value} is above the maximum {self.maximum}")
         return value
 
 
@@ -270,6 +273,9 @@ CORE_SETTINGS: list[Setting] = [
     S("pool_idle_timeout", SECONDS, "0", True,
       "Free a pool that has had no clients and no servers for this long (its statistics go too); 0 disables."),
     S("cancel_wait_timeout", SECONDS, "10", True, "Give up forwarding a cancel request after this long."),
+    S("peer_id", Int(0, maximum=16383), "0", False,
+      "This process's id among its [peers] (1 to 16383), written into every cancel key it gives out so that a "
+      "peer receiving the CancelRequest forwards it here; 0: no peering."),
     S("server_drain_timeout", SECONDS, "30", True,
       "A client left (e.g. Query + Terminate) while its server still owed replies: the queries run and "
       "the replies are dropped for up to this long, then the server is reused if idle, else closed; 0: no limit."),
@@ -330,7 +336,6 @@ CORE_SETTINGS: list[Setting] = [
 # PgBouncer keys accepted with a warning until pgrelay implements them.
 PLANNED_SETTINGS: list[Setting] = [
     planned("unix_socket_group", STR, "", "Group of the Unix socket.", reload=False),
-    planned("peer_id", INT, "0", "Id of this process among peers."),
     planned("disable_pqexec", BOOL, "0", "Refuse the simple query protocol.", reload=False),
     planned("conffile", STR, "", "Shows the config file in use."),
     planned("service_name", STR, "pgbouncer", "Windows service name.", reload=False),
@@ -374,6 +379,19 @@ LISTENER_KEYS = [
 ]
 
 
+PEER_KEYS = [
+    Setting("host", STR, "", False, "The peer's address: a host name, an IP address or a Unix socket directory; required.",
+            section="peers"),
+    Setting("port", Int(1), "6432", False, "The peer's port.", section="peers"),
+    Setting("pool_size", Int(0), "0", False, "Cancel requests in flight to this peer at once (0: default_pool_size); "
+            "more wait for a slot.", section="peers"),
+]
+PEERS_DOC = ("Other pgrelay processes this one is peered with, one line each: "
+             "peer_id = host=... [port=6432] [pool_size=N]. A CancelRequest whose key carries another "
+             "peer's id is forwarded to it. The line with this process's own peer_id is ignored, so all "
+             "peers may share one list.")
+
+
 def declare(settings: list[Setting], sections: dict[str, str] | None = None):
     """A plugin's pgrelay_add_settings implementation declaring `settings` (and claiming `sections`).
 
@@ -401,6 +419,9 @@ def core_registry() -> SettingsRegistry:
                                       "[pool_mode=...] [addr=...] [suffixes=0] [proxy_protocol=0|1] [tls_cert_file=... tls_key_file=...]. The main listener is listen_addr:listen_port, "
                                       "role pooled.")
     for setting in LISTENER_KEYS:
+        registry.add(setting)
+    registry.add_section("peers", PEERS_DOC)
+    for setting in PEER_KEYS:
         registry.add(setting)
     return registry
 

@@ -49,6 +49,7 @@ class RelayProcess:
             "stats_period": "3600",
         }
         self.settings.update({k: str(v) for k, v in (settings or {}).items()})
+        self.port = int(self.settings["listen_port"])  # a test may choose it (peers that name each other)
         if databases is None:
             databases = {"*": f"host=127.0.0.1 port={pg.port}"}
         self.databases = databases

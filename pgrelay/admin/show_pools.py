@@ -363,13 +363,16 @@ def show_users(ctx, arg):
     return ResultSet(USERS_COLUMNS, rows)
 
 
-# -- SHOW PEERS / PEER_POOLS (pgrelay has no [peers]: always empty) ------------------------------------
+# -- SHOW PEERS / PEER_POOLS: the [peers] entries (pgrelay.peers) ------------------------------------
 
-@command("SHOW PEERS", doc="Configured peers (pgrelay has none)", admin=False)
+@command("SHOW PEERS", doc="The [peers] entries cancel requests are forwarded to", admin=False)
 def show_peers(ctx, arg):
-    return ResultSet(PEERS_COLUMNS, [])
+    peers = sorted(ctx.relay.peers.values(), key=lambda p: p.peer_id)
+    return ResultSet(PEERS_COLUMNS, [(p.peer_id, p.addr.host, p.addr.port, p.pool_size) for p in peers])
 
 
-@command("SHOW PEER_POOLS", doc="Peer pools (pgrelay has none)", admin=False)
+@command("SHOW PEER_POOLS", doc="Cancel requests being forwarded to each peer", admin=False)
 def show_peer_pools(ctx, arg):
-    return ResultSet(PEER_POOLS_COLUMNS, [])
+    peers = sorted(ctx.relay.peers.values(), key=lambda p: p.peer_id)
+    return ResultSet(PEER_POOLS_COLUMNS, [(p.peer_id, p.active, p.waiting, p.active - p.connecting, p.connecting)
+                                          for p in peers])

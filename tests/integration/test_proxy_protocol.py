@@ -216,9 +216,16 @@ HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 def test_haproxy_send_proxy_v2_fails_over_between_two_pgrelays(make_relay, pg, tmp_path):
     # Each pgrelay maps every database to another PostgreSQL database, so a query tells which one served.
-    settings = {"proxy_protocol": "1", "proxy_protocol_trusted": "127.0.0.1", "pool_mode": "transaction"}
-    a = make_relay(settings, databases={"*": f"host=127.0.0.1 port={pg.port} dbname=postgres"}, name="a")
-    b = make_relay(settings, databases={"*": f"host=127.0.0.1 port={pg.port} dbname=template1"}, name="b")
+    # They are peered: a cancel that haproxy hands to the other pgrelay still cancels the query.
+    ports = free_port(), free_port()
+    # Peers reach each other on the Unix socket: the TCP ports want a PROXY header from 127.0.0.1.
+    peers = f"[peers]\n1 = host={tmp_path} port={ports[0]}\n2 = host={tmp_path} port={ports[1]}\n"
+    settings = {"proxy_protocol": "1", "proxy_protocol_trusted": "127.0.0.1", "pool_mode": "transaction",
+                "verbose": "1"}
+    a = make_relay({**settings, "listen_port": ports[0], "peer_id": "1"}, extra_sections=peers,
+                   databases={"*": f"host=127.0.0.1 port={pg.port} dbname=postgres"}, name="a")
+    b = make_relay({**settings, "listen_port": ports[1], "peer_id": "2"}, extra_sections=peers,
+                   databases={"*": f"host=127.0.0.1 port={pg.port} dbname=template1"}, name="b")
     front = free_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(f"""\
@@ -253,6 +260,21 @@ listen pg
             conn.autocommit = True
             sessions.append((served_by(conn), conn))
         assert {who for who, _ in sessions} == {"a", "b"}
+        # A query on each session, cancelled through haproxy (roundrobin: the cancel connection often
+        # reaches the other pgrelay, which forwards it to its peer). Rounds 1 and 2 are shifted
+        # by one connection, so that each session's cancel reaches each pgrelay once.
+        for shift in range(2):
+            if shift:
+                psycopg2.connect(dsn).close()
+            for who, conn in sessions:
+                timer = threading.Timer(0.3, conn.cancel)
+                timer.start()
+                with pytest.raises(psycopg2.errors.QueryCanceled), conn.cursor() as cur:
+                    cur.execute("SELECT pg_sleep(20)")
+                timer.join()
+                assert served_by(conn) == who
+        forwarded = (a.log() + b.log()).count("cancel request forwarded to peer")
+        assert forwarded >= 4, forwarded
         # Reconnecting clients (a new connection per query, as pgbench -C), running across the kill.
         outcomes: list[tuple[float, str]] = []
         stop = threading.Event()

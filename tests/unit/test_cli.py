@@ -161,7 +161,7 @@ def test_help_mentions_section_keys_declared_by_plugins(help_text):
                 missing.append(f"[{section}] {setting.name}")
             elif setting.default and f"{setting.default}" not in flat:
                 missing.append(f"[{section}] {setting.name} default {setting.default}")
-    assert registry.section_keys.keys() == {"databases", "users", "clusters", "listeners", "poolers"}
+    assert registry.section_keys.keys() == {"databases", "users", "clusters", "listeners", "poolers", "peers"}
     assert missing == [], f"--help does not document: {missing}"
 
 

@@ -236,10 +236,11 @@ def test_plugin_sections_kept_raw(tmp_path):
         load_config(core_registry(), path, [], {})
 
 
-def test_peers_section_warns(tmp_path):
+def test_peers_section_is_read_without_a_warning(tmp_path):
     path = write(tmp_path / "p.ini", "[pgbouncer]\nlisten_port = 1\n[peers]\n1 = host=/tmp\n")
     config = load_config(registry_with_plugins(), path, [], {})
-    assert config.warnings == (f"{path}:4: section [peers] is not implemented by pgrelay yet and is ignored",)
+    assert config.warnings == ()
+    assert [(e.key, e.value) for e in config.section("peers")] == [("1", "host=/tmp")]
 
 
 def test_changed_reports_settings_and_sections(tmp_path):

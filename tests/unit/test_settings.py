@@ -127,7 +127,7 @@ def test_core_registry_is_fresh_each_call():
     assert a is not b and a.settings is not b.settings
     a.add(Setting("only_in_a", STR, "", True, "Test."))
     assert "only_in_a" not in b.settings
-    assert a.sections.keys() == {"pgbouncer", "listeners"}
+    assert a.sections.keys() == {"pgbouncer", "listeners", "peers"}
     assert a.sections["pgbouncer"] == "pgrelay's own settings (also accepted as [pgrelay])."
 
 
