@@ -57,6 +57,7 @@ def test_ten_thousand_clients_that_send_a_header_and_stall(make_relay):
         time.sleep(1)
         grown = rss_mib(relay) - baseline
         per_client_kib = grown * 1024 / STALLED
+        print(f"{STALLED} stalled logins: RSS +{grown:.1f} MiB, {per_client_kib:.2f} KiB each")
         assert per_client_kib < 12, f"{STALLED} stalled logins cost {grown:.0f} MiB ({per_client_kib:.1f} KiB each)"
         started = time.monotonic()
         assert_served(relay)  # an ordinary client is served next to them, at once
@@ -140,6 +141,7 @@ def test_one_client_trickles_a_1_gb_message(make_relay):
         sampler.join(5)
     assert [m for m in reply if m[0] == b"D"] == [(b"D", b"\0\x01\0\0\0\x12after the gigabyte")]
     grown = max(peak) - baseline
+    print(f"1 GB message trickled in: RSS peak +{grown:.1f} MiB")
     assert grown < 32, f"RSS grew by {grown:.0f} MiB while a 1 GB message went through"
     c.close()
     assert_served(relay)
