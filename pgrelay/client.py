@@ -561,6 +561,8 @@ class ClientConnection(Peer):
                         # holds a partial message, so it is not at a boundary and will be closed.
                         self.carry = b"X"
                     return -(max(pos - offset, 0) + 1)
+                if pos < offset:  # its first bytes went out with the last read: the server is mid-message
+                    self.carry = buf[pos:offset]
                 if kind == 0:
                     raise ProtocolViolation("client re-sent startup pkt")
                 if kind == 112:  # 'p'
@@ -569,6 +571,8 @@ class ClientConnection(Peer):
                                         if 32 < kind < 127 else f"unknown pkt from client: 0x{kind:02x}")
             length = _unpack(buf, pos + 1)[0]
             if length < 4 or length > limit:
+                if pos < offset:  # as above: not at a boundary, so the server is closed, never reused
+                    self.carry = buf[pos:offset]
                 raise ProtocolViolation(f"bad packet header: message {chr(kind)!r} with length {length}")
             pos += 1 + length
         self.open_batch = open_batch

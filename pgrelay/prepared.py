@@ -226,6 +226,10 @@ def pump(client: "ClientConnection") -> None:
         _process(client, server)
         while ps.stalled and not _blocked(ps, ps.stalled) and client.server is server and server.state == SV_ACTIVE:
             _process(client, server)
+    except ProtocolViolation as exc:
+        # The client's held bytes are bad. Its read handler is not always the caller: a server that
+        # becomes ready pumps them too (start_reading, _resume), and must not fail for them.
+        client.disconnect(str(exc), client.relay.translate_error(exc, "relay", client))
     finally:
         ps.pumping = False
 

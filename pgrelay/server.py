@@ -12,7 +12,7 @@ import gevent
 from gevent import Timeout
 
 from . import keys, logs, notify, prepared, protocol, recovery, server_login, session_state
-from .errors import CONNECTION_FAILURE, ProtocolViolation, Reject, ServerError
+from .errors import CONNECTION_FAILURE, ClientGone, ProtocolViolation, Reject, ServerError
 from .peer import Peer
 from .pool import (CL_IDLE, MODE_STATEMENT, SERVER_STATE_NAMES, SV_ACTIVE, SV_CANCEL_WAIT, SV_CLOSED, SV_DRAIN,
                    SV_IDLE, SV_LOGIN, SV_RESET, SV_SYNC, SV_TESTED, SV_USED, UNLINKED_SPARE, change_client_state,
@@ -99,6 +99,9 @@ class ServerConnection(Peer):
             with Timeout(self.relay.config.server_connect_timeout or None,
                          ServerError(f"server connect timeout ({route.name})")):
                 self._choose_and_connect(route)
+                if self.state == SV_CLOSED:  # closed while connecting (KILL, a client gone): no login
+                    self._discard()
+                    return
                 self.sock = self.stream.sock
                 password = route.server_password
                 if password is None:
@@ -117,6 +120,9 @@ class ServerConnection(Peer):
                     self.pool.server_protocol = protocol.PROTOCOL_3_0
                     self.stream.close()
                     self._choose_and_connect(route)
+                    if self.state == SV_CLOSED:
+                        self._discard()
+                        return
                     self.sock = self.stream.sock
                     self.params, self.key = server_login.login(self.relay, self.stream, route.server_user,
                                                                route.dbname, route.server_params, password)
@@ -127,15 +133,24 @@ class ServerConnection(Peer):
                         raise ServerError(f"connect_query failed: {exc}", exc.fields) from None
                     session_state.after_connect_query(self)  # what it SET is this pool's default
         except ServerError as exc:
+            if self.state == SV_CLOSED:  # closed while logging in: its stream went with it, no failure
+                self._discard()
+                return
             log.warning("%s login failed: %s", logs.server_label(self), exc, extra=logs.fields(self))
             self._discard()
             self.pool.server_login_failed(self, exc)
             return
         except Exception as exc:  # a bug: log it, count it, keep serving
+            if self.state == SV_CLOSED and isinstance(exc, (OSError, ClientGone)):
+                self._discard()  # closed while logging in: the read failed on its closed stream
+                return
             self.relay.internal_error(exc, "server_login", f"S-{self.id}: unexpected error during server login",
                                       server=self)
             self._discard()
             self.pool.server_login_failed(self, ServerError(f"server login failed: {type(exc).__name__}"))
+            return
+        if self.state == SV_CLOSED:  # closed while logging in
+            self._discard()
             return
         self.pvals = self.relay.tracked_values(self.params)
         self.start_reading()
@@ -160,7 +175,9 @@ class ServerConnection(Peer):
             self.addr = chosen
             log.debug("%s launching new connection to server", logs.server_label(self), extra=logs.fields(self))
             try:
-                self.stream = server_login.connect(self.relay, chosen)
+                self.stream = server_login.connect(self.relay, chosen, wanted=self._wanted)
+                if self.stream is None:
+                    return  # closed while connecting: login() sees SV_CLOSED
                 if self.relay.config.log_connections:
                     log.info("%s new connection to server%s", logs.server_label(self), logs.local_addr(self.stream),
                              extra=logs.fields(self))
@@ -169,6 +186,9 @@ class ServerConnection(Peer):
                 if attempt == 2 or len(candidates) < 2:
                     raise
                 self.relay.health.check(candidates)
+
+    def _wanted(self) -> bool:
+        return self.state != SV_CLOSED
 
     def _discard(self) -> None:
         self.state = SV_CLOSED
@@ -311,7 +331,7 @@ class ServerConnection(Peer):
                 if end > n:
                     break
                 self._parameter_status(buf[pos + 5:end])
-            elif kind == _C and (end > n or buf[pos + 7] in _STATE_TAG[buf[pos + 5]]) and self.pool.mode:
+            elif kind == _C and (end > n or length > 6 and buf[pos + 7] in _STATE_TAG[buf[pos + 5]]) and self.pool.mode:
                 if end > n:  # a CommandComplete is small: read it whole (bounded, as the carry is)
                     if length > MAX_SERVER_META_MESSAGE:
                         raise ProtocolViolation("oversized CommandComplete")
@@ -553,6 +573,7 @@ class ServerConnection(Peer):
         client = self.client
         expect, txstatus = self.expect, self.txstatus
         clean_cut = not self.skip and not self.carry and self.state == SV_ACTIVE
+        mid_message = self.state == SV_ACTIVE and bool(self.skip or self.carry)  # the client has part of one
         self.close(reason)
         if client is None:
             return
@@ -564,7 +585,7 @@ class ServerConnection(Peer):
                 error = (replace(Reject.from_fields(protocol.parse_fields(self.fatal_message[5:])), severity="ERROR")
                          if self.fatal_message else
                          Reject(f"server connection lost: {reason}", CONNECTION_FAILURE, severity="ERROR",
-                                hint="The transaction was rolled back; retry it."))
+                                hint="The query may or may not have taken effect."))
                 client.fail_queries(error, expect)
         elif self.fatal_message or self.fatal_at == FATAL_PASSED:
             # The server said why (its FATAL, held back or passed on as it came): the client gets
@@ -577,6 +598,10 @@ class ServerConnection(Peer):
                 except OSError:
                     pass
             client.disconnect(f"server closed the connection ({self.close_reason or reason})")
+        elif mid_message:
+            # An ErrorResponse now would be read as the rest of the message the client has part of
+            # (a corrupted row): it sees only the close, as from a PostgreSQL that died.
+            client.disconnect("server conn crashed?")
         else:
             client.disconnect("server conn crashed?", Reject("server conn crashed?"))
 

@@ -59,12 +59,17 @@ def open_socket(addr: "HostAddr", config=None) -> socket.socket:
     return sock
 
 
-def connect(relay: "Relay", addr: "HostAddr") -> Stream:
-    """A Stream to the server, TLS-wrapped as server_tls_sslmode asks (Unix sockets stay plain)."""
+def connect(relay: "Relay", addr: "HostAddr", wanted=None) -> Stream | None:
+    """A Stream to the server, TLS-wrapped as server_tls_sslmode asks (Unix sockets stay plain).
+    With `wanted`, asked once the TCP connect completes: False closes the socket at once, sends
+    nothing and returns None (the server was closed while its connect was pending)."""
     try:
         sock = open_socket(addr, relay.config)
     except OSError as exc:
         raise ServerError(f"could not connect to server {addr}: {exc.strerror or exc}") from None
+    if wanted is not None and not wanted():
+        sock.close()
+        return None
     stream = Stream(sock)
     try:
         tls = relay.server_tls

@@ -128,6 +128,10 @@ def hold(server: "ServerConnection", client: "ClientConnection", data: bytes, zs
         return False
     if len(data) < 6 or data[-6] != _Z or data[-5:-1] != b"\x00\x00\x00\x05" or server.skip or server.carry:
         return False  # the ReadyForQuery is not whole at the end of this read: probed at release instead
+    if not client.at_boundary():
+        # The client is mid-message (a CopyData or Query half sent) or mid-batch: a probe now would
+        # land inside its message. release_if_done probes once the client is at a boundary.
+        return False
     head = data[:-6]
     stats = client.pool.stats
     stats.bytes_sent += len(data)
