@@ -315,3 +315,41 @@ def test_server_connect_timeout(make_relay, pg):
         assert 1.8 <= result["elapsed"] < 5, result
     finally:
         silent.close()
+
+
+def test_server_closed_while_its_connect_is_pending_never_logs_in(make_relay):
+    """A direct client leaves (KILL) while its server's TCP connect waits in a full accept queue:
+    once the connect completes, pgrelay closes that socket without logging in, and keeps no server
+    outside its pools (found by bench/soak.py: a server that logged in after its close, in no pool,
+    leaked a descriptor)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # the accept queue is now full
+    direct = free_port()
+    relay = make_relay({"admin_users": "postgres", "server_connect_timeout": "30"},
+                       databases={"postgres": f"host=127.0.0.1 port={port}"},
+                       extra_sections=f"[listeners]\ndirect = port={direct} role=direct\n")
+    admin = RawClient(relay.port)
+    admin.login(database="pgbouncer")
+    client = socket.create_connection(("127.0.0.1", direct))
+    client.sendall(startup_packet("postgres", "postgres"))
+    time.sleep(0.3)  # the server's connect is now pending
+    admin.query("KILL postgres")
+    wait_until(lambda: "closing because" in relay.log().split("KILL")[-1], message="the kill")
+    listener.settimeout(10)
+    queued, _ = listener.accept()  # the filler: the queue has room, and pgrelay's SYN is retransmitted
+    queued.close()
+    filler.close()
+    conn, _ = listener.accept()  # pgrelay's connect completes now
+    conn.settimeout(10)
+    assert conn.recv(100) == b"", "pgrelay sent a StartupMessage for a server it had closed"
+    conn.close()
+    client.close()
+    time.sleep(1)
+    assert "new connection to server" not in relay.log()
+    rows = admin.query("SHOW SERVERS")
+    assert not [m for m in rows if m[0] == b"D"], rows
+    admin.close()
+    listener.close()
