@@ -167,6 +167,19 @@ def assert_served(relay: RelayProcess, **kw) -> None:
         conn.close()
 
 
+def query_running(pg, marker: str) -> bool:
+    """Whether exactly one backend of `pg` is running a query containing `marker` (asked directly)."""
+    import psycopg2
+    conn = psycopg2.connect(host="127.0.0.1", port=pg.port, user="postgres", dbname="postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
+                        "AND pid <> pg_backend_pid()", (f"%{marker}%",))
+            return cur.fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
 def row(conn, sql: str, args=None):
     with conn.cursor() as cur:
         cur.execute(sql, args)

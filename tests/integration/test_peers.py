@@ -6,14 +6,13 @@ import random
 import socket
 import struct
 
-import psycopg2
 import pytest
 
 from pgrelay.config import ConfigError
 from pgrelay.peers import owner
 from pgrelay.relay import Relay
 
-from ..support import RawClient, data_rows, free_port, query_message, wait_until
+from ..support import RawClient, data_rows, free_port, query_message, query_running, wait_until
 
 # 1,000 for the figure in the issue note: PGRELAY_TEST_CANCELS=1000 pytest tests/integration/test_peers.py
 CANCELS = int(os.environ.get("PGRELAY_TEST_CANCELS", "100"))
@@ -66,7 +65,7 @@ def test_cancel_through_the_other_peer_cancels_that_query_only(make_relay, mode)
     assert owner(login(b)[1])[0] == 2
     victim.send(query_message("select pg_sleep(30)"))
     bystander.send(query_message("select 'done' from pg_sleep(1.5)"))
-    wait_until(lambda: _running(a, "pg_sleep(30)"), message="the victim's query to run")
+    wait_until(lambda: query_running(a.pg, "pg_sleep(30)"), message="the victim's query to run")
     cancel(b, key)  # reaches peer 2, which forwards it to peer 1
     assert answer(victim) == "cancelled"
     assert answer(bystander) == "done"
@@ -90,7 +89,7 @@ def test_many_cancels_spread_over_two_peers_each_cancel_its_own_query(make_relay
         victim.send(query_message(f"select pg_sleep(30) /* {i} */"))
         bystander.send(query_message("select 'b' from pg_sleep(0.2)"))
         other.send(query_message("select 'o' from pg_sleep(0.2)"))
-        wait_until(lambda: _running(home, f"/* {i} */"), message=f"query {i} to run")
+        wait_until(lambda: query_running(home.pg, f"/* {i} */"), message=f"query {i} to run")
         cancel(rng.choice(relays), key)
         assert answer(victim) == "cancelled", i
         assert answer(bystander) == "b", i
@@ -137,17 +136,6 @@ def test_peer_id_above_16383_is_refused(tmp_path):
     path.write_text("[databases]\n* = host=127.0.0.1\n[pgbouncer]\nlisten_port = 1\npeer_id = 16384\n")
     with pytest.raises(ConfigError, match="16384 is above the maximum 16383"):
         Relay(str(path), env={})
-
-
-def _running(relay, text: str) -> bool:
-    conn = psycopg2.connect(host="127.0.0.1", port=relay.pg.port, user="postgres", dbname="postgres")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("select count(*) from pg_stat_activity where state = 'active' and query like %s "
-                        "and pid <> pg_backend_pid()", (f"%{text}%",))
-            return cur.fetchone()[0] == 1
-    finally:
-        conn.close()
 
 
 def _show(relay, command: str) -> list[list[str | None]]:

@@ -15,7 +15,7 @@ import pytest
 
 from pgrelay.tempdb import free_port
 
-from ..support import RawClient, connect, data_rows, startup_packet, wait_until
+from ..support import RawClient, connect, data_rows, query_running, startup_packet, wait_until
 from ..unit.test_proxy_protocol import tcp4, tcp6, tlv, v2
 
 TRUSTED = "127.0.0.2"  # the "proxy" connects from here; plain clients from 127.0.0.1
@@ -338,16 +338,7 @@ listen pg
 
 def _cancel_once_running(pg, conn, tag: str) -> None:
     """conn.cancel() once PostgreSQL runs the query marked `tag` (a cancel before it would be dropped)."""
-    def running() -> bool:
-        probe = psycopg2.connect(host="127.0.0.1", port=pg.port, user="postgres", dbname="postgres")
-        try:
-            with probe.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
-                            "AND pid <> pg_backend_pid()", (f"%{tag}%",))
-                return cur.fetchone()[0] == 1
-        finally:
-            probe.close()
-    wait_until(running, timeout=15, message=f"the query {tag} to run")
+    wait_until(lambda: query_running(pg, tag), timeout=15, message=f"the query {tag} to run")
     conn.cancel()
 
 
