@@ -233,6 +233,7 @@ def _run(opts: Options) -> int:
         relay = Relay(opts.path, args)
     except ConfigError as exc:
         return _error(str(exc))
+    worker = _worker_link(relay)
     if opts.action == "list-plugins":
         from .plugins import describe_plugins
         for name, origin, hooks in describe_plugins(relay.pm):
@@ -249,6 +250,10 @@ def _run(opts: Options) -> int:
         return _error(str(exc))
     except OSError as exc:
         return _error(f"cannot open logfile {relay.config.logfile}: {exc.strerror or exc}")
+    if worker is None and relay.config.workers > 1:
+        from .workers import supervisor
+        started = process.daemonize() if opts.daemon else None
+        return supervisor.run(relay, opts.path, args, logs.quiet, started)
     started = process.daemonize() if opts.daemon else None
     try:
         relay.start()
@@ -261,8 +266,25 @@ def _run(opts: Options) -> int:
         return _error(message)
     process.report_started(started)
     relay.install_signal_handlers()
+    if worker is not None:
+        worker.start(relay)
     relay.serve_forever()
     return 0
+
+
+def _worker_link(relay):
+    """In a worker started by the workers' parent (pgrelay.workers): its link, set on the relay."""
+    import os
+    from .workers import WORKER_ENV
+    value = os.environ.pop(WORKER_ENV, None)
+    if not value:
+        return None
+    from . import client
+    from .workers.link import WorkerLink
+    link = WorkerLink.from_env(value)
+    relay.worker = link
+    client.number_clients(link.index + 1, link.count)
+    return link
 
 
 def _os_error(exc: OSError) -> str:

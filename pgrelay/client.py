@@ -46,13 +46,20 @@ _LISTEN_TRIGGER = notify.TRIGGER
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
+def number_clients(first: int, step: int) -> None:
+    """Number the clients first, first + step, ... (workers: ids that no other worker gives out,
+    so that SHOW CLIENTS and KILL_CLIENT name one client pgrelay-wide)."""
+    global _ids
+    _ids = itertools.count(first, step)
+
+
 class ClientConnection(Peer):
     """One client connected to pgrelay."""
 
     __slots__ = ("relay", "id", "listener", "peer", "stream", "sock", "state", "server", "pool", "route",
                  "user", "database", "params", "pvals", "key", "skip", "carry", "open_batch", "pending", "pending_queries",
                  "out", "paused", "paused_by", "connect_time", "wait_start", "max_length", "tls",
-                 "close_reason", "spec", "limits", "leaving", "term_queries", "cancel_server", "touched",
+                 "close_reason", "spec", "limits", "shared", "leaving", "term_queries", "cancel_server", "touched",
                  "quiet_since", "xact_start", "virtual", "query_start", "txn_start", "decided_by", "protocol", "welcoming",
                  "listen", "extras", "baseline", "baseline_raw", "sstate", "pinned_by", "watch", "ps", "prep",
                  "transport", "proxy", "__weakref__")
@@ -96,6 +103,7 @@ class ClientConnection(Peer):
         self.close_reason = ""
         self.spec = None             # the user name taken apart (role, cluster, suffix)
         self.limits: tuple = ()      # client limits this client counts against
+        self.shared: list | tuple = ()  # workers: client limit keys the parent counts it under (Relay.admit)
         self.virtual = None          # the VirtualDatabase serving it (pgrelay.virtual), if any
         self.protocol = 0            # minor version of protocol 3 it speaks (keys.negotiate)
         self.welcoming = None        # session pooling: set once its own server is ready (login_link)

@@ -72,9 +72,15 @@ def issue(client: "ClientConnection", server: "ServerConnection | None" = None) 
     keys = relay.cancel_keys
     length = secret_length(client.protocol)
     peer_id = relay.config.peer_id
-    if peer_id:  # peering: every key is pgrelay's own and names this process (pgrelay.peers)
+    worker = relay.worker
+    if peer_id or worker is not None:
+        # Peering, workers: every key is pgrelay's own and names this process (pgrelay.peers) and
+        # this worker (byte 3, pgrelay.workers), wherever the CancelRequest arrives.
         while True:
-            key = peers.stamp(secrets.token_bytes(4 + length), peer_id)
+            key = secrets.token_bytes(4 + length)
+            key = peers.stamp(key, peer_id) if peer_id else bytes((key[0] & 0x7F,)) + key[1:]
+            if worker is not None:
+                key = key[:3] + bytes((worker.index,)) + key[4:]
             if key not in keys:
                 keys[key] = client
                 return key

@@ -54,6 +54,7 @@ class Listeners:
     def __init__(self, relay: "Relay"):
         self.relay = relay
         self.bound: list[_Bound] = []
+        self.watching = True  # False in the workers' parent: it binds and passes the sockets on, never accepts
 
     def start(self) -> None:
         config = self.relay.config
@@ -124,7 +125,8 @@ class Listeners:
     def _watch(self, sock, info: Listener, unix_path: str | None, adopted: bool = False) -> None:
         sock.setblocking(False)
         bound = _Bound(sock, info, unix_path, adopted)
-        bound.watcher.start(self._on_accept, bound)
+        if self.watching:
+            bound.watcher.start(self._on_accept, bound)
         self.bound.append(bound)
 
     def _adopt(self, specs) -> tuple[set[int], set[int]]:
@@ -153,7 +155,8 @@ class Listeners:
                             "it serves the %s listener", where, info.name)
             else:
                 covered[is_unix].add(port)
-            log.info("listening on %s (%s; passed by the service manager as fd %d%s)", where, _describe(info),
+            log.info("listening on %s (%s; passed by the %s as fd %d%s)", where, _describe(info),
+                     "workers' parent" if self.relay.worker is not None else "service manager",
                      sock.fileno(), f", {name}" if name else "")
             self._watch(sock, info, (path or "unix") if is_unix else None, adopted=True)
         return covered[False], covered[True]
@@ -218,6 +221,9 @@ def defer_accept(sock, enabled: bool) -> None:
 
 SD_LISTEN_FDS_START = 3
 LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+# Listening sockets a parent pgrelay passed to its workers (pgrelay.workers): their fds,
+# comma-separated, in place of systemd's 3 .. 3+LISTEN_FDS-1; LISTEN_PID is not needed then.
+PARENT_FDS = "PGRELAY_LISTEN_FDS"
 
 
 def passed_sockets(env: dict[str, str]) -> list[tuple[socket.socket, str]]:
@@ -227,21 +233,30 @@ def passed_sockets(env: dict[str, str]) -> list[tuple[socket.socket, str]]:
     way, so no child process takes the sockets for its own. A passed socket that is not a
     listening TCP or Unix stream socket is closed with a warning."""
     pid, count, names = (env.get(key) for key in LISTEN_VARIABLES)
-    for key in LISTEN_VARIABLES:
+    from_parent = env.get(PARENT_FDS)
+    for key in LISTEN_VARIABLES + (PARENT_FDS,):
         env.pop(key, None)
         os.environ.pop(key, None)
-    if not pid or not count:
-        return []
-    try:
-        if int(pid) != os.getpid():
+    if from_parent:
+        try:
+            fds = [int(fd) for fd in from_parent.split(",")]
+        except ValueError:
+            log.warning("ignoring %s=%s: not numbers", PARENT_FDS, from_parent)
             return []
-        number = int(count)
-    except ValueError:
-        log.warning("ignoring LISTEN_PID=%s LISTEN_FDS=%s: not numbers", pid, count)
-        return []
+    else:
+        if not pid or not count:
+            return []
+        try:
+            if int(pid) != os.getpid():
+                return []
+            number = int(count)
+        except ValueError:
+            log.warning("ignoring LISTEN_PID=%s LISTEN_FDS=%s: not numbers", pid, count)
+            return []
+        fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + number))
     labels = names.split(":") if names else []
     passed = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + number):
+    for index, fd in enumerate(fds):
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
@@ -253,7 +268,6 @@ def passed_sockets(env: dict[str, str]) -> list[tuple[socket.socket, str]]:
             sock.close()
             continue
         sock.set_inheritable(False)
-        index = fd - SD_LISTEN_FDS_START
         passed.append((sock, labels[index] if index < len(labels) else ""))
     return passed
 

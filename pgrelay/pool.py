@@ -36,6 +36,9 @@ SERVER_STATE_NAMES = ("login", "idle", "active", "sync", "reset", "cancel_wait",
 UNLINKED_SPARE = (SV_IDLE, SV_USED)  # states of a server no one uses and that may be closed at once
 
 MODE_CODES = {SESSION: 0, TRANSACTION: 1, STATEMENT: 2}
+# workers = N: seconds a pool refused room by the parent waits before asking again, if no "room"
+# message came first (pgrelay.workers.link).
+RETRY_CAPPED = 0.5
 MODE_SESSION, MODE_TRANSACTION, MODE_STATEMENT = 0, 1, 2
 
 
@@ -129,6 +132,7 @@ class Pool:
         self.listening = None         # its listening server for LISTEN/NOTIFY (pgrelay.notify), once used
         self.pinned = 0               # clients pinned to their server by session state (pgrelay.session_state)
         self.server_protocol = PROTOCOL_3_2  # asked of its servers (a direct client's own, see login_link)
+        self.capped = 0.0             # workers: refused room by the parent; no launch before this time or "room"
         self.configure(route)
 
     def configure(self, route: Route) -> None:
@@ -164,6 +168,10 @@ class Pool:
         """Open servers while clients wait (or min_pool_size is unmet) and size allows."""
         if self.relay.shutting_down or self.paused:
             return
+        if self.capped:  # workers: the parent said the pool (or its group) is full pgrelay-wide
+            if time.monotonic() < self.capped:
+                return
+            self.capped = 0.0
         if self.login_error is not None and time.monotonic() < self.login_error_until:
             return
         limited = bool(self.route.server_limits)
@@ -183,6 +191,17 @@ class Pool:
             if limited and not self.relay.server_room(self, evict=False):
                 continue  # closing an evicted server let a waiting pool (maybe this one) take the room
             self.relay.launch_server(self)
+
+    def shared_keys(self, with_maxima: bool = False) -> list:
+        """workers = N: the keys the parent counts this pool's servers under, each with the maximum
+        this worker checks it against: the pool's own (its size, plus reserve once due; a pool per
+        client has its size to itself) and its server limits (max_db_connections ...)."""
+        keys = []
+        allowed = 0 if self.per_client else self.allowed_servers()
+        if allowed:
+            keys.append((server_key(self.key), allowed))
+        keys.extend((server_key(limit.key), limit.maximum) for limit in self.route.server_limits if limit.maximum)
+        return keys if with_maxima else [key for key, _ in keys]
 
     def reserve(self) -> int:
         """reserve_pool_size for this pool: its route's ([users], [databases]), else the global one."""
@@ -300,6 +319,9 @@ class Pool:
         if self.paused:
             server.close("pause mode")
             return
+        if server.shared and self.relay.worker.take_shed(server.shared):
+            server.close("released for another worker")  # it waits for room under one of its limits
+            return
         while self.waiting:
             client = self.waiting[0]
             if client.state != CL_WAITING:
@@ -351,6 +373,19 @@ class Pool:
             self.servers.discard(server)
             for key in server.limit_keys:
                 self.relay.server_counts[key] -= 1
+            if server.shared:  # workers: the parent's count for all workers
+                self.relay.worker.release(server.shared)
+                server.shared = ()
+
+
+def server_key(key) -> str:
+    """A pool key or server limit key as the workers' parent counts it (the same in every worker)."""
+    return "s:" + repr(key)
+
+
+def client_key(key) -> str:
+    """A client limit key as the workers' parent counts it."""
+    return "c:" + repr(key)
 
 
 def _connection(route: Route) -> tuple:

@@ -23,7 +23,7 @@ from .control import Control, ControlError
 from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, ProtocolViolation, Reject, RejectError
 from .listener import ListenerKinds, Listeners, listener_specs
 from .plugins import make_plugin_manager
-from .pool import CL_CLOSED, SV_ACTIVE, SV_DRAIN, UNLINKED_SPARE, Pool
+from .pool import CL_CLOSED, RETRY_CAPPED, SV_ACTIVE, SV_CLOSED, SV_DRAIN, UNLINKED_SPARE, Pool, client_key
 from .protocol import quote_literal
 from .health import HealthMonitor
 from .routing import POSTGRES, PRIMARY, Database, HostAddr, Login, Route, UserSpec
@@ -72,6 +72,9 @@ class Relay:
         self.scram_keys: dict[str, tuple[ScramSecret, bytes]] = {}  # user -> (verifier, ClientKey)
         self.login_secrets: dict[str, str] = {}  # user -> secret its clients authenticated against
         self._janitor = None
+        # workers = N: this process's link to the parent (pgrelay.workers.link), which keeps the
+        # counts behind every limit pgrelay-wide and passes cancels on; None in a single process.
+        self.worker = None
         self._apply_config()
         self.configure()
         self.accept_kinds = self.listener_kinds()  # listener kind -> accept(sock, peer, listener)
@@ -111,7 +114,10 @@ class Relay:
         self._janitor.start()
         self.health.start()
         self.hook.pgrelay_startup(relay=self)
-        log.info("process up: pgrelay %s, gevent %s", _version(), gevent.__version__)
+        if self.worker is None:
+            log.info("process up: pgrelay %s, gevent %s", _version(), gevent.__version__)
+        else:  # the parent says "process up" once every worker is (pgrelay.workers.supervisor)
+            log.info("worker %d up: pgrelay %s, gevent %s", self.worker.index, _version(), gevent.__version__)
 
     def install_signal_handlers(self) -> None:
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
@@ -261,6 +267,8 @@ class Relay:
         while True:
             key = bytearray(secrets.token_bytes(8))
             key[0] &= 0x7F
+            if self.worker is not None:  # the owning worker, as keys.issue stamps it
+                key[3] = self.worker.index
             key = bytes(key)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
@@ -275,6 +283,9 @@ class Relay:
             if not self.client_counts[limit.key]:
                 del self.client_counts[limit.key]
         client.limits = ()
+        if client.shared:
+            self.worker.release(client.shared)
+            client.shared = ()
         pool = client.pool
         if pool is not None and pool.per_client:
             for limit in pool.route.server_limits:
@@ -285,10 +296,20 @@ class Relay:
             self.pools.pop(pool.key, None)
 
     def admit(self, client, route: Route) -> Reject | None:
-        """Count the client against its route's client limits, or say which limit refuses it."""
+        """Count the client against its route's client limits, or say which limit refuses it.
+        With workers, the counts are the parent's, for all workers together (blocks this greenlet
+        for one round trip)."""
         for limit in route.client_limits:
             if limit.maximum and self.client_counts[limit.key] >= limit.maximum:
                 return Reject(limit.message, limit.sqlstate)
+        if self.worker is not None:
+            shared = [(client_key(limit.key), limit.maximum) for limit in route.client_limits if limit.maximum]
+            refused = self.worker.acquire(shared)
+            if refused is not None:
+                limit = next((limit for limit in route.client_limits if client_key(limit.key) == refused), None)
+                return Reject(limit.message, limit.sqlstate) if limit else Reject(
+                    "no more connections allowed (workers' parent unreachable)", "53300")
+            client.shared = [key for key, _ in shared]
         for limit in route.client_limits:
             self.client_counts[limit.key] += 1
         client.limits = route.client_limits
@@ -302,6 +323,10 @@ class Relay:
             key, forwarding = peers.route_cancel(self, key)
             if key is None:
                 return forwarding
+        if self.worker is not None and key[3] != self.worker.index:  # another worker's client
+            if key[3] < self.worker.count:
+                self.worker.forward_cancel(key, key[3])
+            return None
         client = self.cancel_keys.get(key)
         if client is None or client.state == CL_CLOSED:
             return None
@@ -331,7 +356,30 @@ class Relay:
         from .server import ServerConnection
         server = ServerConnection(self, pool)
         pool.add_server(server)
-        gevent.spawn(server.login)
+        if self.worker is None:
+            gevent.spawn(server.login)
+        else:
+            gevent.spawn(self._launch_shared, server)
+
+    def _launch_shared(self, server) -> None:
+        """workers = N: a server opens only once the parent counts it under the pool's size and its
+        server limits for all workers together; refused, the pool waits for room (Pool.capped)."""
+        pool = server.pool
+        shared = pool.shared_keys(with_maxima=True)
+        refused = self.worker.acquire(shared, shed=True)
+        if refused is not None:
+            pool.logging_in -= 1
+            pool._forget(server)
+            server.state = SV_CLOSED
+            pool.capped = time.monotonic() + RETRY_CAPPED
+            return
+        server.shared = [key for key, _ in shared]
+        if server.state == SV_CLOSED:  # closed while waiting for the grant (KILL, its client gone)
+            self.worker.release(server.shared)
+            server.shared = ()
+            pool.logging_in -= 1
+            return
+        server.login()
 
     def server_room(self, pool: Pool, evict: bool = True) -> bool:
         """Whether `pool` may open another server under its server limits; with `evict`, an idle

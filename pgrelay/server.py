@@ -42,7 +42,7 @@ class ServerConnection(Peer):
     __slots__ = ("relay", "pool", "id", "addr", "stream", "sock", "state", "client", "expect", "txstatus",
                  "skip", "carry", "pvals", "params", "key", "connect_time", "idle_since", "cancels",
                  "close_reason", "out", "paused", "paused_by", "swallow", "sync_data", "sync_queries",
-                 "sync_error", "limit_keys", "fatal_at", "fatal_message", "cancel_client", "drain_start", "recovery",
+                 "sync_error", "limit_keys", "shared", "fatal_at", "fatal_message", "cancel_client", "drain_start", "recovery",
                  "extras", "probe", "ps", "pfilter", "__weakref__")
 
     def __init__(self, relay: "Relay", pool: "Pool"):
@@ -51,6 +51,7 @@ class ServerConnection(Peer):
         self.id = next(_ids)
         self.addr: HostAddr | None = None  # chosen when logging in
         self.limit_keys: tuple = ()
+        self.shared: list | tuple = ()  # workers: keys the parent counts this server under (Pool.shared_keys)
         self.fatal_at = -1          # where in the last buffer a FATAL from the server began
         self.fatal_message = b""    # that FATAL, held back unless the client is disconnected
         self.stream: Stream | None = None

@@ -107,6 +107,27 @@ class Networks(List):
         return words
 
 
+class Workers(SettingType):
+    """A number of worker processes (1 to 64), or `auto`: one per CPU core the process may use."""
+
+    name = "int|auto"
+    MAXIMUM = 64
+
+    def parse(self, text: str) -> int:
+        import os
+        word = text.strip().lower()
+        if word == "auto":
+            return max(1, min(self.MAXIMUM, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1))
+        try:
+            value = int(word)
+        except ValueError:
+            raise ValueError(f"invalid value {text!r}: expected a number of processes or auto") from None
+        if not 1 <= value <= self.MAXIMUM:
+            raise ValueError(f"{value} is out of range (1 to {self.MAXIMUM}, or auto)")
+        return value
+
+
 STR, BOOL, SECONDS, LIST = Str(), Bool(), Seconds(), List()
 INT = Int()
 POOL_MODE = Enum("session", "transaction", "statement")
@@ -203,6 +224,9 @@ CORE_SETTINGS: list[Setting] = [
       "SO_REUSEPORT on the TCP listening sockets: several pgrelay processes may listen on the same port and the "
       "kernel spreads new connections over them (rolling restarts, using more cores). Give each process its own "
       "unix_socket_dir (or none). Linux and the BSDs; an error where the OS lacks it."),
+    S("workers", Workers(), "1", False,
+      "Worker processes serving the same listening sockets (auto: one per core), supervised by a parent that "
+      "restarts a dead one; limits, cancel requests and the admin console span all of them (pgrelay.workers)."),
     S("proxy_protocol", BOOL, "0", False,
       "Accept the HAProxy PROXY protocol (v1 and v2) on the TCP listeners ([listeners] lines may set their own "
       "proxy_protocol=): a connection from a proxy_protocol_trusted address must begin with a PROXY header, whose "

@@ -6,6 +6,9 @@ the defer period, silent sockets would otherwise lock real clients out until cli
 relay.clients still holds every connection (for shutdown); this plugin keeps the ids of those that
 count.
 
+With workers (``workers = N``) the count is the parent's, for all workers together: each login
+asks it once (pgrelay.workers.coordinator), and the departure gives the slot back.
+
 Clients of dedicated poolers are not counted here: each pooler has its own max_client_conn
 (enforced when the client is routed), so a burst on one cannot take slots from the others.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 from pgrelay import hookimpl
 from pgrelay.errors import TOO_MANY_CONNECTIONS, Reject
+
+SHARED_KEY = "max_client_conn"  # the parent's key for it (workers)
 
 
 def counted(relay) -> set:
@@ -37,6 +42,11 @@ def pgrelay_check_client_limits(relay, login):
         ids.add(login.client_id)
         if len(ids) > limit:
             return Reject("no more connections allowed (max_client_conn)", TOO_MANY_CONNECTIONS)
+    if relay.worker is not None:
+        if relay.worker.acquire([(SHARED_KEY, limit)]) is not None:
+            ids.discard(login.client_id)
+            return Reject("no more connections allowed (max_client_conn)", TOO_MANY_CONNECTIONS)
+        relay.plugin_data.setdefault("limits_shared", set()).add(login.client_id)
     return None
 
 
@@ -45,3 +55,7 @@ def pgrelay_client_disconnected(relay, client, reason):
     ids = relay.plugin_data.get("limits")
     if ids is not None:
         ids.discard(client.id)
+    shared = relay.plugin_data.get("limits_shared")
+    if shared and client.id in shared:
+        shared.discard(client.id)
+        relay.worker.release([SHARED_KEY])

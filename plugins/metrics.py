@@ -17,6 +17,11 @@ texts with anything quoted, after a colon or containing a digit cut off, and at 
 MAX_REASONS distinct ones (later ones count as "other"); authentication failures carry only
 client_auth.FAILURE_REASONS; databases and users are those of pools (which exist only for logins
 that were routed).
+
+With workers (``workers = N``) worker 0 serves metrics_listen for all of them: at each scrape it
+asks the other workers for their exposition (over the parent, pgrelay.workers.link) and adds the
+samples up, label set by label set; the families in SAME_IN_EVERY_WORKER (settings, health,
+budget, maxima) take the largest value instead.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from dataclasses import dataclass, field
 
 import gevent
 from gevent.pywsgi import WSGIServer
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -157,8 +164,16 @@ def pgrelay_startup(relay):
     current = state(relay)
     if current.listen is None:
         return
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(RelayCollector(relay))
+    own = CollectorRegistry(auto_describe=False)
+    own.register(RelayCollector(relay))
+    if relay.worker is not None:
+        relay.worker.answerers["metrics"] = lambda: generate_latest(own).decode()
+        if relay.worker.index != 0:
+            return  # worker 0 serves metrics_listen for every worker
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(WorkersCollector(relay, own))
+    else:
+        registry = own
     metrics_app = make_wsgi_app(registry)
 
     def app(environ, start_response):
@@ -253,6 +268,44 @@ def _hist_buckets(counts: list[int]) -> list[tuple[str, float]]:
         out.append((floatToGoString(bound), total))
     out.append(("+Inf", total + counts[-1]))
     return out
+
+
+# Families every worker reports alike or as a maximum: with workers, the largest value, not the sum.
+SAME_IN_EVERY_WORKER = re.compile(r"^pgrelay_(up|config_.*|host_.*|budget_.*|pools_client_maxwait_seconds)$")
+
+
+class WorkersCollector:
+    """workers = N, in worker 0: its own families and every other worker's, added up."""
+
+    def __init__(self, relay, own: CollectorRegistry):
+        self.relay = relay
+        self.own = own
+
+    def collect(self):
+        texts = [generate_latest(self.own).decode()]
+        texts += [text for _, text in sorted(self.relay.worker.ask_others("metrics").items())]
+        families: dict[str, Metric] = {}
+        values: dict[str, dict] = {}
+        for text in texts:
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                    values[family.name] = {}
+                largest = SAME_IN_EVERY_WORKER.match(family.name) is not None
+                samples = values[family.name]
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    if key not in samples:
+                        samples[key] = sample.value
+                    elif largest:
+                        samples[key] = max(samples[key], sample.value)
+                    else:
+                        samples[key] += sample.value
+        for name, merged in families.items():
+            for (sample_name, labels), value in values[name].items():
+                merged.add_sample(sample_name, dict(labels), value)
+            yield merged
 
 
 class RelayCollector:

@@ -83,6 +83,8 @@ ENFORCED_BY: dict[str, list[str]] = {
     "proxy_protocol": ["tests/integration/test_proxy_protocol.py::test_v1_and_v2_headers_give_the_real_address_to_show_clients_logs_and_application_name"],
     "proxy_protocol_trusted": ["tests/integration/test_proxy_protocol.py::test_untrusted_sender_of_a_header_is_refused_and_plain_clients_are_served"],
     "[listeners] proxy_protocol": ["tests/integration/test_proxy_protocol.py::test_listener_key_and_required_trusted_list"],
+    "workers": ["tests/integration/test_workers.py::test_pool_size_and_max_db_connections_hold_for_all_workers",
+                "tests/integration/test_workers.py::test_bad_workers_values_are_refused"],
     "peer_id": ["tests/integration/test_peers.py::test_cancel_through_the_other_peer_cancels_that_query_only"],
     "[peers] host": ["tests/integration/test_peers.py::test_cancel_through_the_other_peer_cancels_that_query_only"],
     "[peers] port": ["tests/integration/test_peers.py::test_cancel_through_the_other_peer_cancels_that_query_only"],

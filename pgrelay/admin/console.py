@@ -162,7 +162,23 @@ class Console(VirtualDatabase):
         ctx = Context(relay=self.relay, client=client, user=self.user, is_admin=self.is_admin,
                       notice=lambda message: client.stream.sendall(
                           protocol.error_response("NOTICE", "00000", message, kind=b"N")))
+        worker = self.relay.worker
+        if worker is not None and worker.gathers(found.name):  # workers = N: every worker runs it
+            return worker.run_admin(found.name, sql, self.user, self.is_admin,
+                                    lambda: found.handler(ctx, statement.arg))
         return found.handler(ctx, statement.arg)
+
+    @staticmethod
+    def run_here(relay, table: CommandTable, sql: str, user: str, is_admin: bool):
+        """Run a console command in this process only, for a console session of another worker
+        (pgrelay.workers): no client of its own here, so notices are dropped."""
+        statement = parse(sql)
+        found = table.commands.get(statement.name)
+        if found is None:
+            raise syntax_error(sql)
+        if found.admin and not is_admin:
+            raise AdminError("admin access needed")
+        return found.handler(Context(relay=relay, client=None, user=user, is_admin=is_admin), statement.arg)
 
     def refuse(self, client: "ClientConnection", kind: int) -> tuple[bytes, str]:
         if kind in b"PBE":

@@ -1,8 +1,10 @@
-"""pgrelay's own SHOW commands: LISTENERS, ROUTES, HOSTS, POOLERS, PLUGINS and BUDGET (listed after PgBouncer's)."""
+"""pgrelay's own SHOW commands: LISTENERS, ROUTES, HOSTS, POOLERS, PLUGINS, BUDGET and WORKERS (listed after PgBouncer's)."""
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 import time
 from decimal import Decimal
 
@@ -27,6 +29,11 @@ PLUGINS_COLUMNS = [("name", "text"), ("origin", "text"), ("hooks", "text")]
 BUDGET_COLUMNS = [("host", "text"), ("kind", "text"), ("pools", "int4"), ("sizes", "text"),
                   ("pool_sizes", "numeric"), ("pooled", "numeric"), ("direct", "numeric"), ("health", "int4"),
                   ("auth", "numeric"), ("worst_case", "numeric"), ("bounds", "text"), ("unbounded", "text")]
+
+WORKERS_COLUMNS = [("worker", "int4"), ("pid", "int4"), ("started", "text"), ("clients", "int4"),
+                   ("servers", "int4"), ("pools", "int4")]
+_STARTED = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")  # as SHOW CLIENTS' times
+
 
 def _number(value: float):
     if value is None or (isinstance(value, float) and math.isinf(value)):
@@ -121,3 +128,13 @@ def show_budget(ctx, arg):
                                                                               or part.pooled_bounds) or None,
                      "; ".join(part.unbounded) or None))
     return ResultSet(BUDGET_COLUMNS, rows)
+
+
+@command("SHOW WORKERS", doc="The worker processes (workers = N): pid, start, clients, servers, pools", admin=False,
+         pgrelay=True)
+def show_workers(ctx, arg):
+    """One row for this process; with workers, every worker answers its own (pgrelay.workers.console)."""
+    relay = ctx.relay
+    index = relay.worker.index if relay.worker is not None else 0
+    servers = sum(len(pool.servers) for pool in list(relay.pools.values()))
+    return ResultSet(WORKERS_COLUMNS, [(index, os.getpid(), _STARTED, len(relay.clients), servers, len(relay.pools))])
