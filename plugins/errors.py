@@ -58,7 +58,10 @@ MESSAGES: dict[str, Message] = {
 def facts(relay, client) -> dict:
     """The numbers hints are formatted with (missing ones read as '?')."""
     config = relay.config
-    out: dict = {"max_client_conn": config.max_client_conn, "clients": len(relay.clients),
+    # With workers this process sees its own clients only; the parent refused at the cap, which no
+    # count passes (pgrelay.workers.coordinator), so the pgrelay-wide count is the cap itself.
+    clients = len(relay.clients) if relay.worker is None else config.max_client_conn
+    out: dict = {"max_client_conn": config.max_client_conn, "clients": clients,
                  "database": "?", "user": "?", "pool": "?", "size": "?", "servers": "?", "busy": "?",
                  "waiting": "?", "waited": 0.0, "db_clients": "?", "user_clients": "?", "pool_state": "?"}
     route = client.route if client is not None else None

@@ -18,16 +18,17 @@ from ..support import RawClient, data_rows, free_port, query_message, query_runn
 CANCELS = int(os.environ.get("PGRELAY_TEST_CANCELS", "100"))
 
 
-def peered(make_relay, mode: str = "transaction", loop: bool = False):
+def peered(make_relay, mode: str = "transaction", loop: bool = False, workers: int = 1):
     """Two pgrelay processes, peer_id 1 and 2, with one shared [peers] list (each ignores its own line).
-    With `loop`, relay 1's entry for peer 2 points back at relay 1 itself: a misconfigured ring."""
+    With `loop`, relay 1's entry for peer 2 points back at relay 1 itself: a misconfigured ring.
+    With `workers`, each is that many worker processes (pgrelay.workers)."""
     ports = free_port(), free_port()
     relays = []
     for peer_id, port in ((1, ports[0]), (2, ports[1])):
         to_2 = ports[0] if loop and peer_id == 1 else ports[1]
         peers = {"1": f"host=127.0.0.1 port={ports[0]}", "2": f"host=127.0.0.1 port={to_2} pool_size=4"}
         relays.append(make_relay({"listen_port": str(port), "peer_id": str(peer_id), "pool_mode": mode,
-                                  "admin_users": "postgres"},
+                                  "admin_users": "postgres", "workers": str(workers)},
                                  extra_sections="[peers]\n" + "".join(f"{k} = {v}\n" for k, v in peers.items())))
     return relays
 
@@ -77,14 +78,19 @@ def test_cancel_through_the_other_peer_cancels_that_query_only(make_relay, mode)
 
 def test_many_cancels_spread_over_two_peers_each_cancel_its_own_query(make_relay):
     """CANCELS cancels of queries on both peers, each sent to a random peer while a query of another
-    client runs on each peer: every cancel stops its own query and no other."""
-    a, b = peered(make_relay)
+    client runs on each peer: every cancel stops its own query and no other. Each peer runs two
+    workers, so a cancel may also reach the wrong worker of the right peer (or of the wrong one)."""
+    a, b = peered(make_relay, workers=2)
     relays = (a, b)
-    clients = {relay.port: [login(relay) for _ in range(3)] for relay in relays}
+    clients = {relay.port: _on_both_workers(relay) for relay in relays}
+    owners = {(owner(key)[0], key[3]) for relay in relays for _, key in clients[relay.port]}
+    assert owners == {(1, 0), (1, 1), (2, 0), (2, 1)}, f"clients on every worker of both peers: {owners}"
     rng = random.Random(7)
+    seen = set()
     for i in range(CANCELS):
         home = rng.choice(relays)
         (victim, key), (bystander, _) = rng.sample(clients[home.port], 2)
+        seen.add((owner(key)[0], key[3]))
         other, _ = rng.choice(clients[(b if home is a else a).port])
         victim.send(query_message(f"select pg_sleep(30) /* {i} */"))
         bystander.send(query_message("select 'b' from pg_sleep(0.2)"))
@@ -94,6 +100,23 @@ def test_many_cancels_spread_over_two_peers_each_cancel_its_own_query(make_relay
         assert answer(victim) == "cancelled", i
         assert answer(bystander) == "b", i
         assert answer(other) == "o", i
+    assert seen == owners, "victims on every worker of both peers"
+
+
+def _on_both_workers(relay, each: int = 3) -> list:
+    """Clients of `relay` (two workers) until each worker has `each` (the kernel picks the worker;
+    key byte 3 says which); the surplus is closed."""
+    kept, by_worker = [], {0: 0, 1: 0}
+    for _ in range(60):
+        client, key = login(relay)
+        if by_worker[key[3]] < each:
+            by_worker[key[3]] += 1
+            kept.append((client, key))
+        else:
+            client.close()
+        if min(by_worker.values()) >= each:
+            return kept
+    raise AssertionError(f"the kernel gave 60 logins to one worker: {by_worker}")
 
 
 def test_unknown_peer_is_dropped_and_a_loop_ends_after_three_forwards(make_relay):

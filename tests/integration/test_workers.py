@@ -122,8 +122,9 @@ def test_pool_size_and_max_db_connections_hold_for_all_workers(make_relay, pg):
 def test_max_client_conn_counts_clients_of_every_worker(make_relay):
     relay = workers_relay(make_relay, max_client_conn=12)
     conns = [connect(relay) for _ in range(12)]
-    with pytest.raises(psycopg2.OperationalError, match=r"no more connections allowed \(max_client_conn\)"):
+    with pytest.raises(psycopg2.OperationalError, match=r"no more connections allowed \(max_client_conn\)") as refused:
         connect(relay)
+    assert "max_client_conn is 12 and 12 clients are connected" in str(refused.value), "the pgrelay-wide count"
     conns.pop().close()
     wait_until(lambda: _can_connect(relay), timeout=10, message="a slot given back")
     for conn in conns:
@@ -195,8 +196,11 @@ def _running(pg, marker):
         conn.close()
 
 
-def test_a_sigkilled_worker_is_restarted_and_its_counts_given_back(make_relay):
-    relay = workers_relay(make_relay, max_client_conn=20)
+def test_a_sigkilled_worker_is_restarted_and_its_counts_given_back(make_relay, pg):
+    """SIGKILL of one worker under load: its clients get an error, the other worker's clients see
+    nothing, the parent starts it again, and what it held (clients under max_client_conn, servers
+    under the pool size) counts no more."""
+    relay = workers_relay(make_relay, max_client_conn=20, default_pool_size=4)
     console = admin(relay)
     conns = []
     while True:  # fill max_client_conn (does the console count? either way, up to the refusal)
@@ -207,30 +211,86 @@ def test_a_sigkilled_worker_is_restarted_and_its_counts_given_back(make_relay):
             break
     assert len(conns) in (19, 20)
     clients = show(console, "CLIENTS")
-    victim = next(w for w in show(console, "WORKERS") if w["worker"] != next(
-        c["worker"] for c in clients if c["database"] == "pgbouncer"))
+    console_worker = next(c["worker"] for c in clients if c["database"] == "pgbouncer")
+    victim = next(w for w in show(console, "WORKERS") if w["worker"] != console_worker)
     on_victim = {c["application_name"] for c in clients if c["worker"] == victim["worker"]}
-    os.kill(victim["pid"], signal.SIGKILL)
-    survivors, broken = 0, 0
-    for n, conn in enumerate(conns):
+    assert on_victim and len(on_victim) < len(conns), f"clients on both workers: {len(on_victim)} of {len(conns)}"
+    _concurrently(conns[:8], "SELECT pg_sleep(0.2)")  # servers opened by both workers, held idle
+    assert {w["worker"]: w["servers"] for w in show(console, "WORKERS")}[victim["worker"]] >= 1
+    # Load: every client queries in a loop while the victim is killed.
+    stop, outcome = threading.Event(), {}
+
+    def load(n, conn):
+        done = 0
         try:
-            assert scalar(conn, "SELECT 1") == 1
-            survivors += 1
-            assert f"c{n}" not in on_victim
-        except psycopg2.Error:
-            broken += 1
-            assert f"c{n}" in on_victim
-    assert broken == len(on_victim)
+            while not stop.is_set():
+                assert scalar(conn, "SELECT %s", (n,)) == n
+                done += 1
+            outcome[n] = ("ok", done)
+        except psycopg2.Error as exc:
+            outcome[n] = ("error", str(exc).strip().splitlines()[0])
+    threads = [threading.Thread(target=load, args=(n, conn)) for n, conn in enumerate(conns)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.kill(victim["pid"], signal.SIGKILL)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    for n in range(len(conns)):
+        if f"c{n}" in on_victim:
+            assert outcome[n][0] == "error", f"c{n} was on the killed worker: {outcome[n]}"
+        else:
+            assert outcome[n][0] == "ok" and outcome[n][1] > 0, f"c{n} was on the other worker: {outcome[n]}"
     wait_until(lambda: len(show(console, "WORKERS")) == 2 and victim["pid"] not in
                {w["pid"] for w in show(console, "WORKERS")}, timeout=20, message="the worker restarted")
     assert f"worker {victim['worker']} (pid {victim['pid']}) exited with signal 9" in relay.log()
-    # The dead worker's clients no longer count: as many new ones fit as were lost.
-    fresh = [connect(relay) for _ in range(broken)]
+    # The dead worker's clients no longer count: as many new ones fit as were lost, and no more.
+    survivors = [conn for n, conn in enumerate(conns) if f"c{n}" not in on_victim]
+    fresh = [connect(relay) for _ in range(len(on_victim))]
     with pytest.raises(psycopg2.OperationalError, match="max_client_conn"):
         connect(relay)
+    # Nor its servers: the pool reaches its size of 4 again, and not more.
+    peak = _concurrently(survivors[:4] + fresh[:4], "SELECT pg_sleep(0.5), 'killcheck'", pg=pg, marker="killcheck")
+    assert peak == 4, f"pool of 4 after the kill had {peak} servers busy at most"
     for conn in fresh + conns:
         conn.close()
     relay.expected_bugs = ("exited with signal 9",)
+
+
+def _concurrently(conns, sql, pg=None, marker=None):
+    """Run `sql` on each connection at once; with `marker`, the most backends of `pg` seen running it."""
+    errors, peak, stop = [], [0], threading.Event()
+
+    def run(conn):
+        try:
+            scalar(conn, sql)
+        except psycopg2.Error as exc:
+            errors.append(exc)
+
+    def sample():
+        while not stop.is_set():
+            probe = psycopg2.connect(host="127.0.0.1", port=pg.port, user="postgres", dbname="postgres")
+            with probe.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
+                            "AND pid <> pg_backend_pid()", (f"%'{marker}'%",))
+                peak[0] = max(peak[0], cur.fetchone()[0])
+            probe.close()
+            time.sleep(0.02)
+    sampler = threading.Thread(target=sample) if marker else None
+    if sampler:
+        sampler.start()
+    threads = [threading.Thread(target=run, args=(conn,)) for conn in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stop.set()
+    if sampler:
+        sampler.join()
+    assert not errors, errors[:3]
+    return peak[0]
 
 
 def test_pause_resume_and_reload_reach_every_worker(make_relay):
