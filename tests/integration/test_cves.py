@@ -35,7 +35,7 @@ import time
 import psycopg2
 import pytest
 
-from ..support import RawClient, error_fields, message, startup_packet
+from ..support import RawClient, error_fields, message, startup_packet, wait_until
 
 PASSWORDS = {"postgres": "pg-Pw-cve1", "alice": "alice-Pw-cve2"}
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
@@ -203,6 +203,8 @@ def login_to_fake(relay, scenario: str) -> dict[str, str]:
         psycopg2.connect(relay.dsn(dbname="fake", password=PASSWORDS["postgres"]), connect_timeout=10)
     elapsed = time.monotonic() - started
     assert elapsed < 2, f"refusing the fake server took {elapsed:.1f}s"
+    # The client may hear the refusal before the fake server's thread has noted what pgrelay did.
+    wait_until(lambda: relay.fake.events, timeout=5, message="the fake server to note the outcome")
     return str(info.value)
 
 
