@@ -328,14 +328,20 @@ def test_server_never_answers_login(make_relay, pg, proxy, tag, fault):
 
 TRANSPARENT = {
     "delay": lambda p: p.delay(0.05),
-    "throttle": lambda p: p.throttle(400_000),
+    "throttle": lambda p: p.throttle(40_000),
     "split": lambda p: p.split(),
 }
+# The throttled link is slow next to the timeouts: the 100 kB value takes 2.5 s to arrive, longer than
+# idle_transaction_timeout (a result still streaming is not idleness) and more than half of
+# query_timeout (which counts from the client's request, so it must not fire). With 0.5 s janitor
+# ticks, an idle_transaction_timeout of 1 s that wrongly counted the streaming time would fire within
+# 2 s of the request; the test's own client would have to stall 1 s to trip it falsely.
+SLOW_TIMEOUTS = {"throttle": {"query_timeout": 4, "idle_transaction_timeout": 1}}
 
 
 def exercise(conn, tag: str, big: int, mode: str) -> None:
     """Inserts (in one transaction but in statement pooling), a committed result read back, and a
-    `big`-byte value."""
+    `big`-byte value (inside a transaction too, but in statement pooling)."""
     conn.autocommit = mode == "statement"
     with conn.cursor() as cur:
         for n in range(1, 6):
@@ -344,7 +350,11 @@ def exercise(conn, tag: str, big: int, mode: str) -> None:
         conn.commit()
     conn.autocommit = True
     assert scalar(conn, "SELECT array_agg(n ORDER BY n) FROM fault_matrix WHERE tag = %s", (tag,)) == [1, 2, 3, 4, 5]
+    conn.autocommit = mode == "statement"
     value = scalar(conn, "SELECT repeat(md5(%s), %s)", (tag, big // 32))
+    if mode != "statement":
+        conn.commit()
+    conn.autocommit = True
     assert value == hashlib.md5(tag.encode()).hexdigest() * (big // 32)
 
 
@@ -352,7 +362,8 @@ def exercise(conn, tag: str, big: int, mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_server_slow_or_split_is_transparent(make_relay, pg, proxy, tag, mode, fault):
     TRANSPARENT[fault](proxy)  # from the first server login on
-    relay = start(make_relay, pg, proxy, mode, default_pool_size=1)
+    timeouts = SLOW_TIMEOUTS.get(fault, {})
+    relay = start(make_relay, pg, proxy, mode, default_pool_size=1, **timeouts)
     started = time.monotonic()
     conn = connect(relay, dbname="faulty")  # the server login goes through the fault too
     try:
@@ -374,9 +385,9 @@ def test_server_slow_or_split_is_transparent(make_relay, pg, proxy, tag, mode, f
     finally:
         again.close()
     elapsed = time.monotonic() - started
-    assert elapsed < QUERY_TIMEOUT + 3
-    # The fault was in effect: at least 8 round trips of 0.1 s; 100 kB at 400 kB/s.
-    assert elapsed >= {"delay": 0.8, "throttle": 0.25, "split": 0}[fault], elapsed
+    assert elapsed < timeouts.get("query_timeout", QUERY_TIMEOUT) + 3
+    # The fault was in effect: at least 8 round trips of 0.1 s; 100 kB at 40 kB/s.
+    assert elapsed >= {"delay": 0.8, "throttle": 2.4, "split": 0}[fault], elapsed
     links = [link for link in proxy.links if link.server is not None]
     down = sum(link.bytes_forwarded()[1] for link in links)
     assert down > (20_000 if fault == "split" else 100_000)  # it all went through the proxy
