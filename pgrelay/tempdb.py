@@ -113,10 +113,20 @@ def _version_key(path: str):
     return int(part) if part.isdigit() else 0
 
 
+_given_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free now on 127.0.0.1, never one this process was given before (the kernel may
+    hand the same free port out twice in a row, e.g. to two listeners of one test)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _given_ports:
+            _given_ports.add(port)
+            return port
+    return port
 
 
 def _run_as() -> tuple[int, int] | None:

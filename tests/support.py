@@ -336,7 +336,10 @@ class WsClient(RawClient):
         data, self.buf = self.buf[:n], self.buf[n:]
         return data
 
-    def closed(self, timeout: float = 5) -> bool:
+    def closed(self, timeout: float = 10) -> bool:
+        """True once pgrelay closed the connection. This client does not answer a close frame, so
+        pgrelay waits its CLOSE_GRACE (5 s, pgrelay.serverless.websocket) first: the default wait is
+        longer than that (5 s exactly lost the race under load)."""
         self.sock.settimeout(timeout)
         try:
             while True:

@@ -215,7 +215,9 @@ def test_a_sigkilled_worker_is_restarted_and_its_counts_given_back(make_relay, p
     victim = next(w for w in show(console, "WORKERS") if w["worker"] != console_worker)
     on_victim = {c["application_name"] for c in clients if c["worker"] == victim["worker"]}
     assert on_victim and len(on_victim) < len(conns), f"clients on both workers: {len(on_victim)} of {len(conns)}"
-    _concurrently(conns[:8], "SELECT pg_sleep(0.2)")  # servers opened by both workers, held idle
+    victims = [conn for n, conn in enumerate(conns) if f"c{n}" in on_victim]
+    others = [conn for n, conn in enumerate(conns) if f"c{n}" not in on_victim]
+    _concurrently(victims[:4] + others[:4], "SELECT pg_sleep(0.2)")  # servers opened by both workers, held idle
     assert {w["worker"]: w["servers"] for w in show(console, "WORKERS")}[victim["worker"]] >= 1
     # Load: every client queries in a loop while the victim is killed.
     stop, outcome = threading.Event(), {}
