@@ -87,6 +87,15 @@ def check_fd_limit(config) -> tuple[int, int]:
     return soft, hard
 
 
+def remove_pidfile(path: str) -> None:
+    """Remove the pidfile at shutdown (quietly: it may be gone already)."""
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def daemonize() -> int:
     """Detach as PgBouncer's go_daemon does: fork, setsid, fork again; stdin, stdout and stderr go
     to /dev/null. Returns, in the daemon, the write end of a pipe whose reader is the original

@@ -244,11 +244,7 @@ class Relay:
         if self._janitor:
             self._janitor.stop()
         self.health.stop()
-        if self.config.pidfile:
-            try:
-                os.unlink(self.config.pidfile)
-            except OSError:
-                pass
+        process.remove_pidfile(self.config.pidfile)
         log.info("shutdown complete")
         self.stopped.set()
 

@@ -202,11 +202,7 @@ class Supervisor:
         if self.done.is_set():
             return
         self.relay.listeners.stop()
-        if self.config.pidfile:
-            try:
-                os.unlink(self.config.pidfile)
-            except OSError:
-                pass
+        process.remove_pidfile(self.config.pidfile)
         log.info("shutdown complete")
         self.done.set()
 

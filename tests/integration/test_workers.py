@@ -12,7 +12,7 @@ import time
 import psycopg2
 import pytest
 
-from tests.support import connect, scalar, wait_until
+from tests.support import connect, query_running, scalar, wait_until
 
 MANY_CANCELS = int(os.environ.get("PGRELAY_TEST_WORKER_CANCELS", "40"))
 
@@ -171,7 +171,7 @@ def test_cancel_reaching_another_worker_cancels_the_right_query(make_relay, pg):
                 errors.append(repr(exc))
         t = threading.Thread(target=run)
         t.start()
-        wait_until(lambda: _running(pg, f"victim{round_}'"), timeout=10, message="query running")
+        wait_until(lambda: query_running(pg, f"victim{round_}'"), timeout=10, message="query running")
         conn.cancel()  # a new connection: the kernel gives it to either worker
         t.join(10)
         if errors == ["cancelled"]:
@@ -183,17 +183,6 @@ def test_cancel_reaching_another_worker_cancels_the_right_query(make_relay, pg):
     assert cancelled == MANY_CANCELS, wrong[:3]
     assert result.get("value") == 1, f"the bystander's query was hit: {result}"
     assert spread == {0, 1}, "victims on both workers"
-
-
-def _running(pg, marker):
-    conn = psycopg2.connect(host="127.0.0.1", port=pg.port, user="postgres", dbname="postgres")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
-                        "AND pid <> pg_backend_pid()", (f"%{marker}%",))
-            return cur.fetchone()[0] == 1
-    finally:
-        conn.close()
 
 
 def test_a_sigkilled_worker_is_restarted_and_its_counts_given_back(make_relay, pg):
