@@ -548,7 +548,10 @@ class ClientConnection(Peer):
             cls = _CLASS[kind]
             if cls == 2:
                 queries += 1
-                open_batch = 0
+                if kind == 83:
+                    # Only a Sync ends a batch: a Query or FunctionCall inside one is skipped by
+                    # PostgreSQL if the batch failed, so its ReadyForQuery may never come.
+                    open_batch = 0
             elif cls == 1:
                 open_batch += 1
             elif cls == 4:
@@ -569,8 +572,10 @@ class ClientConnection(Peer):
                         # holds a partial message, so it is not at a boundary and will be closed.
                         self.carry = b"X"
                     return -(max(pos - offset, 0) + 1)
-                if pos < offset:  # its first bytes went out with the last read: the server is mid-message
-                    self.carry = buf[pos:offset]
+                if offset:
+                    # The last read ended in a split header, which went out; this read does not: the
+                    # server holds part of a message, so it is closed, never reused.
+                    self.carry = buf[:offset]
                 if kind == 0:
                     raise ProtocolViolation("client re-sent startup pkt")
                 if kind == 112:  # 'p'
@@ -579,8 +584,8 @@ class ClientConnection(Peer):
                                         if 32 < kind < 127 else f"unknown pkt from client: 0x{kind:02x}")
             length = _unpack(buf, pos + 1)[0]
             if length < 4 or length > limit:
-                if pos < offset:  # as above: not at a boundary, so the server is closed, never reused
-                    self.carry = buf[pos:offset]
+                if offset:  # as above: not at a boundary, so the server is closed, never reused
+                    self.carry = buf[:offset]
                 raise ProtocolViolation(f"bad packet header: message {chr(kind)!r} with length {length}")
             pos += 1 + length
         self.open_batch = open_batch
@@ -756,6 +761,11 @@ class ClientConnection(Peer):
                 # server_rollback_timeout is set: then pgrelay.recovery drains it and rolls it back
                 # (only for a client that went away: after a refusal, e.g. a protocol violation,
                 # where the server's stream stands is not trusted, so the server is closed).
+                if server.expect:
+                    # PostgreSQL ends a COPY FROM STDIN when the Terminate arrives; the server never
+                    # gets ours, so a CopyFail does it (ignored outside COPY, after what runs). A
+                    # failed write shows up as the drain's read error.
+                    recovery.copy_fail(server)
                 server.drain()
             elif error is not None or not recovery.abandon(server, self, reason):
                 server.close("client disconnect while server was not ready")

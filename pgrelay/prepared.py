@@ -431,8 +431,15 @@ def _process(client: "ClientConnection", server: "ServerConnection", unlinked: b
             out += msg
             continue
         if cls == 2:
+            if kind != _S and sps.dead:
+                # A Query or FunctionCall after an error with no Sync since: PostgreSQL skips it
+                # (no ReadyForQuery), so nothing is tracked and the batch stays open until a Sync.
+                open_batch += 1
+                out += msg
+                continue
             before = open_batch
-            open_batch = 0
+            if kind == _S:  # only a Sync ends a batch (as in ClientConnection._scan)
+                open_batch = 0
             zkind = ZSKIP
             undo = None
             owner = None

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from . import logs, protocol
 from .errors import ProtocolViolation
 from .pool import SV_ACTIVE, SV_DRAIN
+from .stream import WOULD_BLOCK
 
 if TYPE_CHECKING:
     from .client import ClientConnection
@@ -52,6 +53,21 @@ ROLLBACK_BATCH = (protocol.message(b"P", b"\x00" + protocol.cstr("ROLLBACK") + b
                   + protocol.message(b"B", b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
                   + protocol.message(b"E", b"\x00" + b"\x00\x00\x00\x00")
                   + protocol.SYNC)
+
+
+def copy_fail(server: "ServerConnection") -> None:
+    """Queue a CopyFail for the server without calling back into its client (which is leaving)."""
+    if server.out is not None:
+        server.out += COPY_FAIL
+        return
+    try:
+        sent = server.sock.send(COPY_FAIL)
+    except WOULD_BLOCK:
+        sent = 0
+    except OSError:
+        return
+    if sent != len(COPY_FAIL):
+        server.backlog(COPY_FAIL[sent:], None)
 
 
 class Recovery:

@@ -138,6 +138,110 @@ def test_violation_in_a_split_header_closes_the_half_sent_server(make_relay):
     assert "closing because: client disconnect while server was not ready" in relay.log()
 
 
+def _served_within(relay, seconds: float = 5) -> None:
+    """A new client's query is answered within `seconds` (a raw client: a stuck server fails fast)."""
+    check = RawClient(relay.port, timeout=seconds)
+    try:
+        check.login()
+        check.send(query_message("SELECT 'served'"))
+        msgs = check.read_reply(timeout=seconds)
+        assert msgs is not None, f"no reply within {seconds}s"
+        assert data_rows(msgs) == [["served"]], msgs
+    finally:
+        check.close()
+
+
+def test_violation_after_a_split_header_closes_the_half_sent_server(make_relay):
+    """Found by fuzz/live.py: a Sync's first four bytes in one read (forwarded), then a read with its
+    last length byte and an unknown message type. pgrelay refused the client without forwarding
+    that read, but counted the client at a boundary and released the server holding "S\0\0\0":
+    the next client's first byte completed the Sync's length and PostgreSQL read its query as the
+    Sync's body, so it never got an answer (or worse, another client's bytes). The pool's one
+    server must serve the next client, on a new server."""
+    relay = make_relay({"default_pool_size": "1"})
+    _served_within(relay)
+    raw = RawClient(relay.port, timeout=CLOSE_TIMEOUT)
+    raw.login()
+    raw.send(b"S\0\0\0")
+    time.sleep(0.2)  # its own read: the four bytes go out to the server
+    raw.send(b"\x04" + b"\xb4\0\0\0\x04")
+    fields = raw.read_error()
+    assert (fields["S"], fields["C"], fields["M"]) == ("FATAL", "08P01", "unknown pkt from client: 0xb4"), fields
+    assert raw.closed()
+    raw.close()
+    for _ in range(3):
+        _served_within(relay)
+    assert "closing because: client disconnect while server was not ready" in relay.log()
+
+
+@pytest.mark.parametrize("describe", [b"P\0", b"Snosuch\0"], ids=["portal", "named-statement"])
+def test_function_call_after_a_failed_unsynced_batch_does_not_hold_the_server(make_relay, describe):
+    """Found by fuzz/live.py: a Describe that fails, then a FunctionCall and a Terminate, with no
+    Sync. PostgreSQL skips everything up to a Sync after an extended-protocol error, so the
+    FunctionCall's ReadyForQuery never comes; pgrelay counted the FunctionCall as ending the batch,
+    drained the server for a reply that never came, and the pool's one server was lost to everyone
+    for server_drain_timeout (30 s). Only a Sync ends a batch: the client leaves mid-batch and its
+    server is rolled back (a Sync ends the skipping) or closed, and serves the next client at once.
+    `named-statement` goes through pgrelay.prepared, `portal` through the relay's scanner."""
+    relay = make_relay({"default_pool_size": "1", "server_drain_timeout": "30"})
+    _served_within(relay)
+    raw = RawClient(relay.port, timeout=CLOSE_TIMEOUT)
+    raw.login()
+    raw.send(message(b"D", describe) + message(b"F", b"\0\0\0\0" + b"\0\0" + b"\0\0" + b"\0\0") + message(b"X"))
+    read_to_close(raw)  # pgrelay leaves at the Terminate once the bytes are with the server
+    raw.close()
+    for _ in range(3):
+        _served_within(relay)
+
+
+def test_terminate_during_copy_from_stdin_ends_the_copy_and_frees_the_server(make_relay):
+    """Found by fuzz/live.py: COPY ... FROM STDIN, some CopyData, then Terminate. PostgreSQL ends the
+    COPY when the Terminate arrives, but pgrelay keeps the Terminate and drains the server for the
+    replies owed, so PostgreSQL waited for more data and the pool's one server was lost to everyone
+    for server_drain_timeout. Now the drain starts with a CopyFail: the COPY fails (nothing of it
+    is written, as in PostgreSQL) and the server serves the next client at once."""
+    relay = make_relay({"default_pool_size": "1", "server_drain_timeout": "30"})
+    setup = RawClient(relay.port)
+    setup.login()
+    assert [k for k, _ in setup.query("CREATE TABLE copy_left (a int)")][-1] == b"Z"
+    setup.close()
+    raw = RawClient(relay.port, timeout=CLOSE_TIMEOUT)
+    raw.login()
+    raw.send(query_message("COPY copy_left FROM STDIN") + message(b"d", b"1\n") + message(b"X"))
+    read_to_close(raw)
+    raw.close()
+    started = time.monotonic()
+    _served_within(relay)
+    assert time.monotonic() - started < 5
+    check = RawClient(relay.port)
+    check.login()
+    assert data_rows(check.query("SELECT count(*) FROM copy_left")) == [["0"]]
+    check.query("DROP TABLE copy_left")
+    check.close()
+
+
+def test_query_inside_an_unsynced_batch_is_answered_and_the_sync_releases_the_server(make_relay):
+    """What PostgreSQL does with a Query inside a batch that did not fail (some drivers send one
+    before their Sync): it runs it and answers with a ReadyForQuery; the batch's Sync gets another.
+    The server stays with the client until that Sync, then goes back to the pool's one slot."""
+    relay = make_relay({"default_pool_size": "1"})
+    raw = RawClient(relay.port, timeout=CLOSE_TIMEOUT)
+    raw.login()
+    raw.send(message(b"P", b"\0SELECT 1\0\0\0") + message(b"B", b"\0\0\0\0\0\0\0\0")
+             + message(b"E", b"\0\0\0\0\0") + query_message("SELECT 2"))
+    msgs = raw.read_reply(timeout=5)
+    assert msgs is not None and [k for k, _ in msgs] == [b"1", b"2", b"D", b"C", b"T", b"D", b"C", b"Z"], msgs
+    assert data_rows(msgs) == [["1"], ["2"]]
+    raw.send(message(b"S"))
+    msgs = raw.read_reply(timeout=5)
+    assert msgs is not None and [k for k, _ in msgs] == [b"Z"], msgs
+    _served_within(relay)  # released at the Sync: the one server serves another client
+    raw.send(query_message("SELECT 3"))
+    msgs = raw.read_reply(timeout=5)
+    assert msgs is not None and data_rows(msgs) == [["3"]], msgs
+    raw.close()
+
+
 def test_session_state_probe_waits_until_the_client_is_between_messages(make_relay):
     """Found by fuzz/live.py: a SET (which makes pgrelay probe the session state once the transaction
     ends) followed, in the same send, by the start of a long CopyData. The ReadyForQuery was held
