@@ -172,8 +172,13 @@ def probe_sql(server: "ServerConnection") -> str:
             f" WHERE current_user <> session_user OR session_user <> {user}")
 
 
-def probe(server: "ServerConnection", client: "ClientConnection", held: bytes = b"", retry: bool = False) -> None:
-    """Ask the server for the client's session state; the reply is read by `swallow`."""
+PROBE_TRIES = 5  # a probe cancelled (57014: the client's cancel, or its statement_timeout hit the
+                 # probe's first, pg_settings, statement on a loaded machine) is sent again, this often
+
+
+def probe(server: "ServerConnection", client: "ClientConnection", held: bytes = b"", retry: int = 0) -> None:
+    """Ask the server for the client's session state; the reply is read by `swallow`. `retry`:
+    how many times it was cancelled already."""
     client.stop_reading()
     change_server_state(server, SV_SYNC)
     if not retry:  # bytes the client sends meanwhile wait here (ClientConnection._forward)
@@ -181,7 +186,7 @@ def probe(server: "ServerConnection", client: "ClientConnection", held: bytes = 
         server.sync_queries = 0
     server.sync_error = None
     server.swallow = bytearray()
-    server.probe = ("probe-again" if retry else "probe", held, server.txstatus)
+    server.probe = (f"probe-again-{retry}" if retry else "probe", held, server.txstatus)
     server.write(protocol.query(probe_sql(server)))
 
 
@@ -248,9 +253,11 @@ def _done(server: "ServerConnection", probe: tuple, rows: list) -> None:
     if client is None:
         server.close("session state probe without a client")
         return
-    if error is not None and error.sqlstate == "57014" and what == "probe" and server.txstatus == txstatus:
-        probe(server, client, held, retry=True)  # the client's cancel request hit pgrelay's query: once more
-        return
+    if error is not None and error.sqlstate == "57014" and what.startswith("probe") and server.txstatus == txstatus:
+        tries = int(what[12:]) + 1 if what != "probe" else 1
+        if tries < PROBE_TRIES:
+            probe(server, client, held, retry=tries)  # a cancel hit pgrelay's query: once more
+            return
     if error is not None or server.txstatus != txstatus:
         server.close("session state probe failed")
         client.disconnect("session state probe failed",
