@@ -5,21 +5,26 @@ from __future__ import annotations
 import json
 import struct
 
+import gevent
 from gevent import socket
 
 from pgrelay.errors import ClientGone
 
 MAX_MESSAGE = 64 << 20  # a SHOW answer of a large pgrelay fits; anything longer is a broken peer
+MAX_QUEUED = 64 << 20   # unsent bytes; beyond them the other end is taken for stuck and the channel closed
 _LENGTH = struct.Struct("!I")
 
 
 class Channel:
-    """One end of the pair. send() may be called from any greenlet (sendall is atomic per message in
-    gevent: one greenlet writes at a time); receive() from one reader greenlet only."""
+    """One end of the pair. send() never blocks, so it may be called from a libev callback (a
+    client's disconnect releases its limits there) as well as from any greenlet: messages are
+    queued in order and written by one writer greenlet. receive() is for one reader greenlet only."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.buffer = bytearray()
+        self.outq = bytearray()
+        self.writer = None
         self.closed = False
 
     @classmethod
@@ -27,16 +32,28 @@ class Channel:
         return cls(socket.socket(fileno=fd))
 
     def send(self, message: dict) -> bool:
-        """Send one message; False if the other end is gone."""
+        """Queue one message for the writer; False if the other end is gone (or stuck)."""
         if self.closed:
             return False
         body = json.dumps(message, separators=(",", ":")).encode()
-        try:
-            self.sock.sendall(_LENGTH.pack(len(body)) + body)
-            return True
-        except OSError:
+        self.outq += _LENGTH.pack(len(body))
+        self.outq += body
+        if len(self.outq) > MAX_QUEUED:
             self.close()
             return False
+        if self.writer is None:
+            self.writer = gevent.spawn(self._write)
+        return True
+
+    def _write(self) -> None:
+        try:
+            while self.outq and not self.closed:
+                data, self.outq = self.outq, bytearray()
+                self.sock.sendall(data)
+        except OSError:
+            self.close()
+        finally:
+            self.writer = None
 
     def receive(self) -> dict:
         """The next message; ClientGone when the other end closed (or sent something malformed)."""
