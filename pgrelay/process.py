@@ -52,9 +52,12 @@ FORCED_USER = re.compile(r"(?:^|\s)user\s*=")
 
 def expected_fd_use(config) -> int:
     """PgBouncer's check_limits estimate: max_client_conn + 10, plus for each [databases] line its
-    pool_size (else default_pool_size) times the [users] lines (one more for a forced user)."""
+    pool_size (else default_pool_size) times the [users] lines (one more for a forced user). With
+    workers, per process: they accept from one shared socket, so each holds about max_client_conn /
+    workers of the clients, but any one may hold every server."""
     users = len(config.section("users"))
-    total = config.max_client_conn + FD_SPARE
+    workers = max(1, int(getattr(config, "workers", 1) or 1))
+    total = -(-config.max_client_conn // workers) + FD_SPARE
     for entry in config.section("databases"):
         size = POOL_SIZE.search(entry.value)
         per_pool = int(size.group(1)) if size else config.default_pool_size
@@ -78,8 +81,10 @@ def check_fd_limit(config) -> tuple[int, int]:
         except (OSError, ValueError) as exc:
             log.warning("could not raise the kernel file descriptor limit from %d to %d: %s", soft, target, exc)
     shown_hard = -1 if hard == resource.RLIM_INFINITY else hard
-    log.info("kernel file descriptor limit: %d (hard: %d); max_client_conn: %d, max expected fd use: %d",
-             soft, shown_hard, config.max_client_conn, expected)
+    workers = max(1, int(getattr(config, "workers", 1) or 1))
+    log.info("kernel file descriptor limit: %d (hard: %d); max_client_conn: %d, max expected fd use: %d%s",
+             soft, shown_hard, config.max_client_conn, expected,
+             f" per worker process (workers = {workers})" if workers > 1 else "")
     if soft != resource.RLIM_INFINITY and soft < expected:
         log.warning("kernel file descriptor limit %d is below the max expected fd use %d: clients beyond it "
                     "are refused; raise LimitNOFILE= (systemd) or ulimit -Hn, or lower max_client_conn",

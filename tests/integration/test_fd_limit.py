@@ -84,6 +84,22 @@ def test_a_hard_limit_below_the_need_is_a_warning(tmp_path, pg):
         stop_pid(proc.pid)
 
 
+def test_with_workers_the_need_is_per_process(tmp_path, pg):
+    """workers = 4: the workers share the listening socket, so each process needs max_client_conn / 4 of
+    them (plus every server): 60,000 clients fit under a limit of 16,000 per process, no warning.
+    (bench/idle.py held 100,000 idle clients this way under a hard limit of 20,000.)"""
+    proc, port, log = start(tmp_path, pg, 16000, 16000, "max_client_conn = 60000\nworkers = 4\n")
+    try:
+        wait_until(lambda: ", 4 workers" in log.read_text(), timeout=20, message="the workers")
+        text = log.read_text()
+        # 60000 / 4 + 10 + the * line's default_pool_size (20)
+        assert "kernel file descriptor limit: 16000 (hard: 16000); max_client_conn: 60000, max expected fd use: " \
+               "15030 per worker process (workers = 4)" in text
+        assert "is below the max expected fd use" not in text
+    finally:
+        stop_pid(proc.pid)
+
+
 def test_running_out_of_descriptors_pauses_accepts_and_recovers(tmp_path, pg):
     """More clients than descriptors: the extra ones wait in the kernel's backlog or fail to
     connect; pgrelay stays up, logs it, and serves normally once they are gone."""
