@@ -1,6 +1,6 @@
 """100,000 idle clients on one PgBouncer and one pgrelay, in one run: login rate, RSS, and a query afterwards.
 
-    python bench/idle.py [--clients 100000] [--queries 1000] [--in-flight 500]
+    python bench/idle.py [--clients 100000] [--queries 1000] [--in-flight 500] [--workers N] [--client-processes K]
 
 Both poolers run in transaction mode from the same generated pgbouncer.ini (bench/run.py's, with
 max_client_conn raised) in front of one throwaway PostgreSQL. One client process (this script,
@@ -14,7 +14,11 @@ addresses 127.0.0.2-127.0.0.9 so that ephemeral ports do not run out. Reported p
   their row, and how long the burst took.
 
 The script raises its own RLIMIT_NOFILE (root: to clients + 1,000) so that the poolers inherit
-it; pgrelay reports the limit it runs with in its log (``kernel file descriptor limit``). The
+it; pgrelay reports the limit it runs with in its log (``kernel file descriptor limit``). Where
+the hard limit is below that (a container without CAP_SYS_RESOURCE), ``--workers N`` spreads the
+clients over processes: pgrelay runs ``workers = N`` and PgBouncer N processes with
+so_reuseport = 1, and the clients come from ``--client-processes`` forked client processes (by
+default as many as the limit needs); RSS is then summed over each pooler's processes. The
 machine is noisy and the client shares its 2 cores with the pooler: compare the two poolers of
 the same run.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import multiprocessing
 import os
 import resource
 import selectors
@@ -50,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1000, help="idle clients that then query (default 1000)")
     parser.add_argument("--in-flight", type=int, default=500, help="logins running at once (default 500)")
     parser.add_argument("--poolers", default="pgbouncer,pgrelay", help="which poolers, comma list")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pgrelay `workers = N`; PgBouncer N so_reuseport processes (default 1)")
+    parser.add_argument("--client-processes", type=int, default=0,
+                        help="client processes holding the clients (default: as many as RLIMIT_NOFILE needs)")
     return parser.parse_args(argv)
 
 
@@ -184,33 +193,102 @@ def close_all(clients: list[socket.socket]) -> None:
         sock.close()
 
 
+def client_process(port: int, count: int, in_flight: int, queries: int, conn) -> None:
+    """A forked client process: log in `count` idle clients, report, then query and close on command."""
+    clients: list[socket.socket] = []
+    try:
+        clients, seconds, slowest, errors = open_idle_clients(port, count, in_flight)
+        conn.send((len(clients), seconds, slowest, errors[:5], len(errors)))
+        conn.recv()  # "query"
+        conn.send(query_burst(clients, queries))
+        conn.recv()  # "close"
+    finally:
+        close_all(clients)
+        conn.close()
+
+
+def open_in_processes(port: int, count: int, in_flight: int, queries: int, processes: int):
+    """`count` clients over `processes` forked client processes; the same figures as open_idle_clients,
+    then a `burst()` that runs the query burst in all of them, and a `close()`."""
+    ctx = multiprocessing.get_context("fork")
+    shares = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
+    asks = [queries // processes + (1 if i < queries % processes else 0) for i in range(processes)]
+    pipes, procs = [], []
+    started = time.monotonic()
+    for share, ask in zip(shares, asks, strict=True):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=client_process, args=(port, share, max(1, in_flight // processes), ask, child))
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    reports = [pipe.recv() for pipe in pipes]
+    seconds = time.monotonic() - started
+    logged_in = sum(r[0] for r in reports)
+    errors = [e for r in reports for e in r[3]]
+    errors += ["(more)"] * (sum(r[4] for r in reports) - len(errors))
+
+    def burst():
+        for pipe in pipes:
+            pipe.send("query")
+        results = [pipe.recv() for pipe in pipes]
+        return (sum(r[0] for r in results), max(r[1] for r in results), [e for r in results for e in r[2]])
+
+    def close():
+        for pipe in pipes:
+            with contextlib.suppress(OSError):
+                pipe.send("close")
+        for proc in procs:
+            proc.join(60)
+
+    return logged_in, seconds, max(r[2] for r in reports), errors, burst, close
+
+
 def measure(pooler: run.Pooler, args) -> dict:
     warmup, _, _, warm_errors = open_idle_clients(pooler.port, 100, 50)
     if warm_errors:
         raise RuntimeError(f"{pooler.name}: warm-up logins failed: {warm_errors[0]}")
     time.sleep(1)
-    before = run.rss_bytes(pooler.pid)
-    clients, seconds, slowest, errors = open_idle_clients(pooler.port, args.clients, args.in_flight)
-    time.sleep(2)
-    after = run.rss_bytes(pooler.pid)
-    try:
-        ok, burst, query_errors = query_burst(clients, args.queries)
-    finally:
-        close_all(clients + warmup)
-    return {"logged_in": len(clients), "login_errors": len(errors), "first_error": errors[0] if errors else "",
-            "logins_per_s": len(clients) / seconds, "slowest_login": slowest, "rss_before": before,
-            "rss_after": after, "per_client": (after - before) / max(1, len(clients)), "queries_ok": ok,
-            "query_seconds": burst, "query_errors": len(query_errors),
+    before = pooler.rss()
+    if args.client_processes > 1:
+        logged_in, seconds, slowest, errors, burst, close = open_in_processes(
+            pooler.port, args.clients, args.in_flight, args.queries, args.client_processes)
+        try:
+            time.sleep(2)
+            after = pooler.rss()
+            ok, burst_seconds, query_errors = burst()
+        finally:
+            close()
+            close_all(warmup)
+    else:
+        clients, seconds, slowest, errors = open_idle_clients(pooler.port, args.clients, args.in_flight)
+        logged_in = len(clients)
+        time.sleep(2)
+        after = pooler.rss()
+        try:
+            ok, burst_seconds, query_errors = query_burst(clients, args.queries)
+        finally:
+            close_all(clients + warmup)
+    return {"logged_in": logged_in, "login_errors": len(errors), "first_error": errors[0] if errors else "",
+            "logins_per_s": logged_in / seconds, "slowest_login": slowest, "rss_before": before,
+            "rss_after": after, "per_client": (after - before) / max(1, logged_in), "queries_ok": ok,
+            "query_seconds": burst_seconds, "query_errors": len(query_errors),
             "first_query_error": query_errors[0] if query_errors else ""}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     limit = raise_fd_limit(args.clients + 1000)
-    if limit < args.clients + 200:
+    if not args.client_processes:
+        args.client_processes = -(-(args.clients + 200) // max(1000, limit - 1000)) if limit < args.clients + 200 else 1
+    per_process = -(-args.clients // args.client_processes)
+    per_worker = -(-args.clients // args.workers)  # (SO_REUSEPORT spreads them about evenly: 1,000 to spare)
+    fits = args.clients + 200 <= limit or (args.workers > 1 and per_process + 1000 <= limit
+                                           and per_worker + 1000 <= limit)
+    if not fits:
         raise SystemExit(f"RLIMIT_NOFILE is {limit} and cannot be raised (root without CAP_SYS_RESOURCE, or not "
-                         f"root): raise ulimit -Hn above {args.clients + 1000}, or run with --clients "
-                         f"{max(0, limit - 1000)}")
+                         f"root): raise ulimit -Hn above {args.clients + 1000}, run with --clients "
+                         f"{max(0, limit - 1000)}, or spread them with --workers {-(-args.clients // (limit - 1000))}")
     pgbouncer_bin = run.find_pgbouncer()
     results = {}
     with contextlib.ExitStack() as stack:
@@ -220,9 +298,12 @@ def main(argv=None) -> int:
         workdir = run.make_workdir(pg.owner, stack)
         extra = {"max_client_conn": args.clients + 500}
         for kind in args.poolers.split(","):
-            pooler = run.Pooler(kind, "transaction", run.POOL_SIZE, workdir, pg.port, pgbouncer_bin, pg.owner, extra)
+            pooler = run.Pooler(kind, "transaction", run.POOL_SIZE, workdir, pg.port, pgbouncer_bin, pg.owner, extra,
+                                processes=args.workers)
             with run.running(pooler):
-                run.progress(f"{run.LABELS[kind]}: {args.clients} idle clients, {args.in_flight} logins in flight")
+                run.progress(f"{run.LABELS[kind]}: {args.clients} idle clients, {args.in_flight} logins in flight"
+                             + (f", {args.workers} processes, {args.client_processes} client processes"
+                                if args.workers > 1 or args.client_processes > 1 else ""))
                 results[kind] = measure(pooler, args)
                 run.wait_for_clients_to_leave(pooler, timeout=60)
                 if kind == "pgrelay":

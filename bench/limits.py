@@ -1,6 +1,6 @@
 """The limits' load checks of issue 8 against PgBouncer in one run: a thundering herd under max_db_connections, and the reserve pool.
 
-    python bench/limits.py [--clients 2000]
+    python bench/limits.py [--clients 2000] [--workers N]
 
 Both poolers run from the same generated pgbouncer.ini (bench/run.py's) in front of one throwaway
 PostgreSQL, each in transaction mode with default_pool_size=20 and max_db_connections=30:
@@ -14,6 +14,10 @@ PostgreSQL, each in transaction mode with default_pool_size=20 and max_db_connec
   transaction, 7 more each run ``select pg_sleep(1.5)``. Reported: after how long the pool grew to
   25, its peak, and how long after every transaction ended (the clients staying connected) it
   was back at 20 servers.
+
+With ``--workers N`` pgrelay runs ``workers = N`` and PgBouncer N processes with so_reuseport = 1,
+each from the same ini: PgBouncer's limits hold per process (its peak may reach N x 30), pgrelay's
+for the whole pgrelay (its peak must stay at 30).
 
 Figures are seconds and connection counts of one run; the machine is noisy, so compare the two
 poolers of the same run, not runs of different days.
@@ -139,6 +143,8 @@ def reserve(pg: TempPostgres, pooler: run.Pooler) -> list[str]:
     peak = sampler.finish()
     for conn in holders:
         conn.close()
+    for error in sorted(set(errors)):
+        run.progress(f"  reserve: {errors.count(error)} x {error}")
     grew = sampler.first_time(start, lambda n: n >= 25)
     back = sampler.first_time(released, lambda n: n <= 20)
     return [f"{grew:.2f}" if grew is not None else "never", str(peak),
@@ -148,7 +154,10 @@ def reserve(pg: TempPostgres, pooler: run.Pooler) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=2000, help="clients of the herd (default 2000)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pgrelay `workers = N`, PgBouncer N so_reuseport processes (default 1)")
     args = parser.parse_args(argv)
+    n = args.workers
     pgbouncer_bin = run.find_pgbouncer()
     with contextlib.ExitStack() as stack:
         pg = TempPostgres(settings={"max_connections": "200"})
@@ -164,24 +173,30 @@ def main(argv: list[str] | None = None) -> int:
             f.write("BEGIN;\nSELECT 1;\nSELECT pg_sleep(0.002);\nEND;\n")
         herd_rows, reserve_rows = [], []
         for kind in ("pgbouncer", "pgrelay"):
-            pooler = run.Pooler(kind, "transaction", 20, workdir, pg.port, pgbouncer_bin, pg.owner, extra=LIMITS)
+            pooler = run.Pooler(kind, "transaction", 20, workdir, pg.port, pgbouncer_bin, pg.owner, extra=LIMITS,
+                                processes=n)
             with run.running(pooler):
                 run.progress(f"herd: {kind}")
                 herd_rows.append([run.LABELS[kind]] + herd(pg, pooler, args.clients, USERS, script))
             run.wait_for_servers_to_leave(pg, 0)
             if kind == "pgrelay":
                 pooler = run.Pooler(kind, "transaction", 20, workdir, pg.port, pgbouncer_bin, pg.owner, extra=LIMITS,
-                                    extra_sections="\n[poolers]\nherd = target=primary default_pool_size=20 max_client_conn=3000\n")
+                                    extra_sections="\n[poolers]\nherd = target=primary default_pool_size=20 max_client_conn=3000\n",
+                                    processes=n)
                 with run.running(pooler):
                     run.progress("herd: pgrelay with a dedicated pooler")
                     herd_rows.append(["pgrelay, herd_c|herd on a dedicated pooler"]
                                      + herd(pg, pooler, args.clients, ("herd_a", "herd_b", "herd_c|herd"), script))
             run.wait_for_servers_to_leave(pg, 0)
-            pooler = run.Pooler(kind, "transaction", 20, workdir, pg.port, pgbouncer_bin, pg.owner, extra=RESERVE)
+            pooler = run.Pooler(kind, "transaction", 20, workdir, pg.port, pgbouncer_bin, pg.owner, extra=RESERVE,
+                                processes=n)
             with run.running(pooler):
                 run.progress(f"reserve: {kind}")
                 reserve_rows.append([run.LABELS[kind]] + reserve(pg, pooler))
             run.wait_for_servers_to_leave(pg, 0)
+        if n > 1:
+            print(f"Processes: pgrelay workers = {n}; PgBouncer {n} processes with so_reuseport = 1, each from the "
+                  f"same ini (PgBouncer's pool sizes and limits are per process)")
         print("Thundering herd: default_pool_size=20, max_db_connections=30, 3 transactions per client")
         print(run.format_table(["pooler", "clients", "peak servers", "transactions", "failed", "seconds"], herd_rows))
         print()

@@ -64,7 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-clients", type=int, help="idle clients per pooler for the memory test "
                                                           "(default 5000; 1000 with --quick)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pgrelay runs `workers = N`; PgBouncer runs N processes with so_reuseport = 1 on one "
+                             "port, each with default_pool_size / N (the same servers in all); CPU and RSS are "
+                             "summed over each pooler's processes (default 1)")
     args = parser.parse_args(argv)
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers: 1 to 64")
     if args.duration is None:
         args.duration = 3 if args.quick else 10
     if args.idle_clients is None:
@@ -143,9 +149,12 @@ class Pooler:
     owner: tuple[int, int] | None  # (uid, gid) PgBouncer runs as when we are root
     extra: dict = field(default_factory=dict)  # more [pgbouncer] settings
     extra_sections: str = ""                   # more sections, appended to the ini
+    processes: int = 1                         # pgrelay: workers; PgBouncer: so_reuseport processes
     port: int = 0
     proc: subprocess.Popen | None = None
+    more: list = field(default_factory=list)   # PgBouncer's other so_reuseport processes
     _log: object = None
+    _log_start: int = 0
 
     @property
     def name(self) -> str:
@@ -158,6 +167,23 @@ class Pooler:
     def path(self, suffix: str) -> str:
         return os.path.join(self.workdir, f"{self.name}.{suffix}")
 
+    def pids(self) -> list[int]:
+        """Every process of this pooler: PgBouncer's so_reuseport processes, pgrelay's parent and
+        its workers."""
+        pids = [self.proc.pid] + [p.pid for p in self.more]
+        if self.kind == "pgrelay" and self.processes > 1:
+            with contextlib.suppress(OSError), open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                pids += [int(pid) for pid in f.read().split()]
+        return pids
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(utime, stime) summed over the pooler's processes."""
+        times = [cpu_times(pid) for pid in self.pids()]
+        return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    def rss(self) -> int:
+        return sum(rss_bytes(pid) for pid in self.pids())
+
     def command(self, ini: str) -> tuple[list[str], dict]:
         if self.kind == "pgbouncer":
             extra = {"user": self.owner[0], "group": self.owner[1], "extra_groups": []} if self.owner else {}
@@ -167,19 +193,44 @@ class Pooler:
 
     def start(self) -> "Pooler":
         self.port = free_port()
-        ini = self.path("ini")
-        with open(ini, "w") as f:
-            f.write(pooler_ini(self.port, self.pg_port, self.pool_mode, self.pool_size,
-                               os.path.join(self.workdir, "userlist.txt"), self.path("pid"), self.extra)
-                    + self.extra_sections)
-        if self.owner:
-            os.chown(ini, *self.owner)
-        cmd, extra = self.command(ini)
+        settings = dict(self.extra)
+        if self.processes > 1 and self.kind == "pgrelay":
+            settings["workers"] = self.processes
+        elif self.processes > 1:
+            settings["so_reuseport"] = 1
         self._log = open(self.path("log"), "ab")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir, start_new_session=True, **extra)
-        self.wait_listening()
+        self._log_start = self._log.tell()  # the log is appended to: a former run's lines come first
+        for index in range(self.processes if self.kind == "pgbouncer" else 1):
+            suffix = f"-{index}" if index else ""
+            ini = self.path(f"ini{suffix}")
+            with open(ini, "w") as f:
+                f.write(pooler_ini(self.port, self.pg_port, self.pool_mode, self.pool_size,
+                                   os.path.join(self.workdir, "userlist.txt"), self.path(f"pid{suffix}"), settings)
+                        + self.extra_sections)
+            if self.owner:
+                os.chown(ini, *self.owner)
+            cmd, extra = self.command(ini)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                    cwd=self.workdir, start_new_session=True, **extra)
+            if index:
+                self.more.append(proc)
+            else:
+                self.proc = proc
+            self.wait_listening()
+        if self.kind == "pgrelay" and self.processes > 1:
+            self.wait_workers()
         return self
+
+    def wait_workers(self, timeout: float = 30) -> None:
+        """pgrelay's parent logs "process up: ..., N workers" once every worker listens."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), open(self.path("log"), "rb") as f:
+                f.seek(self._log_start)
+                if f", {self.processes} workers".encode() in f.read():
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: {self.processes} workers not up within {timeout}s:\n{self.log_tail()}")
 
     def wait_listening(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -192,14 +243,16 @@ class Pooler:
         raise RuntimeError(f"{self.name} did not listen on port {self.port} within {timeout}s:\n{self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # PgBouncer 1.18: SIGTERM is the immediate shutdown; pgrelay: SIGQUIT.
-            self.proc.send_signal(signal.SIGTERM if self.kind == "pgbouncer" else signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        for proc in [self.proc] + self.more:
+            if proc is not None and proc.poll() is None:
+                # PgBouncer 1.18: SIGTERM is the immediate shutdown; pgrelay: SIGQUIT.
+                proc.send_signal(signal.SIGTERM if self.kind == "pgbouncer" else signal.SIGQUIT)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.more = []
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -304,9 +357,9 @@ def run_pgbench(pgbench: str, port: int, mode: str, clients: int, duration: int,
                 pooler: Pooler | None) -> Run:
     cmd = [pgbench, "-n", "-S", "-M", "prepared" if mode == PREPARED_TXN else mode, "-c", str(clients), "-j", "2", "-T", str(duration),
            "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE]
-    cpu_before = cpu_times(pooler.pid) if pooler else (0.0, 0.0)
+    cpu_before = pooler.cpu_times() if pooler else (0.0, 0.0)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300)
-    cpu_after = cpu_times(pooler.pid) if pooler else (0.0, 0.0)
+    cpu_after = pooler.cpu_times() if pooler else (0.0, 0.0)
     if result.returncode != 0:
         log = f"\n{pooler.name} log:\n{pooler.log_tail(5)}" if pooler else ""
         return Run(error=f"pgbench exited with {result.returncode}:\n{result.stderr.strip()[-2000:]}{log}")
@@ -347,7 +400,8 @@ class Cell:
 class Bench:
     """The benchmark's parts: PostgreSQL, the transaction-mode poolers, and how to reach each target."""
 
-    def __init__(self, pg: TempPostgres, pgbench: str, workdir: str, pgbouncer_bin: str):
+    def __init__(self, pg: TempPostgres, pgbench: str, workdir: str, pgbouncer_bin: str, processes: int = 1):
+        self.processes = processes
         self.pg = pg
         self.pgbench = pgbench
         self.workdir = workdir
@@ -361,7 +415,10 @@ class Bench:
         return bool(found) and (int(found.group(1)), int(found.group(2))) >= PGBOUNCER_PREPARED_VERSION
 
     def pooler(self, kind: str, pool_mode: str, pool_size: int) -> Pooler:
-        return Pooler(kind, pool_mode, pool_size, self.workdir, self.pg.port, self.pgbouncer_bin, self.pg.owner)
+        if kind == "pgbouncer" and self.processes > 1:  # its pools are per process: the same servers in all
+            pool_size = max(1, pool_size // self.processes)
+        return Pooler(kind, pool_mode, pool_size, self.workdir, self.pg.port, self.pgbouncer_bin, self.pg.owner,
+                      processes=self.processes)
 
     def warm_up(self, port: int, mode: str, clients: int) -> None:
         """An unmeasured pgbench run, so the pool's servers are connected before the measured one."""
@@ -482,10 +539,10 @@ def idle_client_memory(pooler: Pooler, count: int) -> IdleMemory:
     clients: list[socket.socket] = []
     try:
         time.sleep(1)
-        before = rss_bytes(pooler.pid)
+        before = pooler.rss()
         clients = open_clients(pooler.port, count)
         time.sleep(1)
-        after = rss_bytes(pooler.pid)
+        after = pooler.rss()
     finally:
         close_clients(warmup + clients)
     return IdleMemory(pooler.kind, count, before, after)
@@ -494,7 +551,8 @@ def idle_client_memory(pooler: Pooler, count: int) -> IdleMemory:
 def wait_for_clients_to_leave(pooler: Pooler, timeout: float = 30) -> None:
     """Let the pooler see its clients leave before it is stopped (else it warns about them)."""
     deadline = time.monotonic() + timeout
-    while len(os.listdir(f"/proc/{pooler.pid}/fd")) > POOL_SIZE + 20 and time.monotonic() < deadline:
+    while sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pooler.pids()) > POOL_SIZE + 20 * len(pooler.pids()) \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -617,7 +675,10 @@ def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory:
         f"pgbench -n -S -M <mode> -c <clients> -j 2 -T {args.duration}; scale {PGBENCH_SCALE}; PostgreSQL {pg_version}; "
         f"{os.cpu_count()} CPUs",
         f"Poolers: transaction mode, default_pool_size={POOL_SIZE}, max_client_conn={MAX_CLIENT_CONN}, auth_type=trust, "
-        f"127.0.0.1, no Unix socket, no connection logging.",
+        f"127.0.0.1, no Unix socket, no connection logging."
+        + (f" Processes: pgrelay workers = {args.workers}; {args.workers} PgBouncer processes with so_reuseport = 1, "
+           f"default_pool_size = {max(1, POOL_SIZE // args.workers)} each; CPU and RSS summed over each pooler's "
+           f"processes (pgrelay's parent included)." if args.workers > 1 else ""),
         f"prepared mode needs session pooling (named statements): it runs against a second PgBouncer and pgrelay in "
         f"session mode with default_pool_size={SESSION_POOL_SIZE} so clients are not starved; these are started fresh "
         f"for each run (their idle servers would exhaust max_connections={PG_SETTINGS['max_connections']}) and "
@@ -627,7 +688,7 @@ def report(args: argparse.Namespace, pg_version: int, cells: list[Cell], memory:
         f"{PREPARED_TXN}: -M prepared through the transaction-mode poolers (pgrelay renames named statements per "
         f"server, max_prepared_statements=200; PgBouncer is left out below version "
         f"{'.'.join(map(str, PGBOUNCER_PREPARED_VERSION))}, which cannot run it).",
-        "CPU s/10k tx: the pooler process's utime+stime during the run per 10,000 transactions; user CPU ratio: "
+        "CPU s/10k tx: the pooler's utime+stime during the run per 10,000 transactions; user CPU ratio: "
         "utime alone, pgrelay over PgBouncer.",
         "",
         throughput_table(cells),
@@ -683,7 +744,7 @@ def benchmark(args: argparse.Namespace, stack: contextlib.ExitStack) -> str:
     pg.start()
     pgbench = pgbench_path(pg)
     init_pgbench(pg, pgbench)
-    bench = Bench(pg, pgbench, make_workdir(pg.owner, stack), pgbouncer_bin)
+    bench = Bench(pg, pgbench, make_workdir(pg.owner, stack), pgbouncer_bin, args.workers)
     bench.start_transaction_poolers(stack)
     progress(f"pgbench runs ({args.duration} s each):")
     cells = [bench.run_cell(mode, clients, args.duration) for mode in args.modes for clients in args.clients]
