@@ -142,6 +142,20 @@ def _reference_client(stream: bytes, limit: int) -> tuple[str, int, int]:
     return "ok", queries, pos
 
 
+def _message_starts(stream: bytes, limit: int) -> set[int]:
+    """Where each message of a plain reading of the client stream begins (up to a violation)."""
+    pos, n, starts = 0, len(stream), {0}
+    while pos + 5 <= n:
+        if protocol.FRONTEND_CLASS[stream[pos]] == protocol.FC_INVALID:
+            break
+        length = _I32.unpack_from(stream, pos + 1)[0]
+        if length < 4 or length > limit:
+            break
+        pos += 1 + length
+        starts.add(pos)
+    return starts
+
+
 def client_scan(data: bytes) -> None:
     """ClientConnection._scan over the input cut into reads (as _handle calls it), checked against a
     plain reading of the whole stream. Allowed: ProtocolViolation; prepared.Named when named statements
@@ -168,10 +182,13 @@ def client_scan(data: bytes) -> None:
         except ProtocolViolation:
             outcome = "violation"
             _, _, where = _reference_client(stream, client.max_length)
-            if where < consumed and client.at_boundary():
-                # the refused message's first bytes went to the server with an earlier read: a
-                # client at a "boundary" would have its half-sent server reused by the next client
-                raise Mismatch(f"violation at {where} after {consumed} bytes forwarded, yet at a boundary") from None
+            mid_message = where < consumed or consumed not in _message_starts(stream, client.max_length)
+            if mid_message and client.at_boundary():
+                # the refused read is not forwarded, but an earlier one sent the first bytes of a
+                # message (the refused one, or one this read completes): a client at a "boundary"
+                # would have its half-sent server reused by the next client
+                raise Mismatch(f"violation at {where} after {consumed} bytes forwarded mid-message, yet at a "
+                               "boundary") from None
             break
         except prepared.Named:
             if not prep:
