@@ -207,7 +207,16 @@ def test_a_sigkilled_worker_is_restarted_and_its_counts_given_back(make_relay, p
     victims = [conn for n, conn in enumerate(conns) if f"c{n}" in on_victim]
     others = [conn for n, conn in enumerate(conns) if f"c{n}" not in on_victim]
     _concurrently(victims[:4] + others[:4], "SELECT pg_sleep(0.2)")  # servers opened by both workers, held idle
-    assert {w["worker"]: w["servers"] for w in show(console, "WORKERS")}[victim["worker"]] >= 1
+
+    def victim_servers():
+        return {w["worker"]: w["servers"] for w in show(console, "WORKERS")}[victim["worker"]]
+    for _ in range(5):
+        # Under contention the last shed may have left all four with the other worker: a query of
+        # a victim's client alone makes room for one (the other worker's are idle) and keeps it.
+        if victim_servers():
+            break
+        assert scalar(victims[0], "SELECT 1") == 1
+    assert victim_servers() >= 1
     # Load: every client queries in a loop while the victim is killed.
     stop, outcome = threading.Event(), {}
 
