@@ -107,6 +107,8 @@ def _parse_v1(buf: bytes) -> Result:
         if len(buf) >= V1_MAX or b"\n" in buf[:V1_MAX]:
             return Malformed(f"v1 line without CRLF within {V1_MAX} bytes")
         return NEED_MORE
+    if b"\n" in buf[:end]:  # as when the line arrives in pieces, whatever follows the bare LF
+        return Malformed(f"v1 line without CRLF within {V1_MAX} bytes")
     try:
         line = buf[:end].decode("ascii")
     except UnicodeDecodeError:

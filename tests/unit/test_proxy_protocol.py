@@ -82,6 +82,17 @@ def test_v1_malformed(line):
     assert isinstance(parse(line), Malformed), line
 
 
+def test_v1_bare_lf_before_the_crlf_is_refused_however_the_line_arrives():
+    """Found by fuzz/run.py's proxy target: "PROXY UNKNOWN T\nQUIT\n...\r\n" was a header when read
+    whole (UNKNOWN ignores the rest of its line) but malformed when the first piece ended after a
+    bare LF. A bare LF is never part of a v1 line: refused whole too."""
+    line = b"PROXY UNKNOWN T\nQUIT\nP C . \r\n"
+    assert isinstance(parse(line), Malformed)
+    assert isinstance(Parser().feed(line[:21]), Malformed)
+    parser = Parser()
+    assert parser.feed(line[:9]) is NEED_MORE and isinstance(parser.feed(line[9:]), Malformed)
+
+
 def test_v1_line_over_107_bytes_is_refused_without_waiting_for_crlf():
     assert parse(b"PROXY TCP4 " + b"1" * 95) is NEED_MORE  # 106 bytes, no CRLF yet
     assert isinstance(parse(b"PROXY TCP4 " + b"1" * 96), Malformed)  # 107 bytes and no CRLF: refused
