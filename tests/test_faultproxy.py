@@ -258,9 +258,10 @@ def test_split_sends_every_byte_alone(proxy, echo):
         proxy.split()
         assert roundtrip(sock, payload) == payload
         link = proxy.open_links()[0]
-        # the counter moves just after the send: the receiver may see the last byte first
+        # One send() per byte each way (the counter moves just after the send: the receiver may see
+        # the last byte first). How many reads the receiver needs is the kernel's business: a
+        # receiver descheduled on a loaded machine reads the queued bytes at once (CI saw 4 reads).
         wait_until(lambda: link.up.sends == len(payload) and link.down.sends == len(payload), timeout=2)
-        assert len(echo.conn(0)["chunks"]) > 10, echo.conn(0)["chunks"][:20]
         proxy.heal()
         before = link.up.sends
         assert roundtrip(sock, payload) == payload
