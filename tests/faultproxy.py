@@ -265,12 +265,22 @@ class Link:
         return self.up.forwarded, self.down.forwarded
 
 
-def _drain(sock: socket.socket) -> None:
+def _drain(sock: socket.socket, wait: float = 0.2) -> None:
+    """Read and drop what the peer sends until its EOF (at most `wait` seconds), so that the close
+    that follows is a clean one: bytes that arrive unread after our FIN would turn it into an RST
+    (seen: the echo's reply to the last bytes of a truncate landed just after the drain)."""
+    deadline = time.monotonic() + wait
     try:
         sock.setblocking(False)
-        for _ in range(64):
-            if not sock.recv(BUFFER):
-                return
+        while True:
+            try:
+                if not sock.recv(BUFFER):
+                    return
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                select.select([sock], [], [], left)
     except OSError:
         pass
 
