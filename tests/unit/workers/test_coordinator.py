@@ -32,14 +32,65 @@ def test_zero_means_no_limit():
 
 def test_refused_with_shed_asks_the_largest_holder_and_room_follows_a_release():
     c, told = make()
-    c.acquire(0, [("pool", 3)])
-    c.acquire(1, [("pool", 3)])
-    c.acquire(1, [("pool", 3)])
+    for _ in range(3):
+        c.acquire(1, [("pool", 3)])
     assert c.acquire(0, [("pool", 3)], shed=True) == "pool"
     assert told == [(1, {"op": "shed", "key": "pool"})]
     c.release(1, ["pool"])
     assert told[-1] == (0, {"op": "room", "key": "pool"})
     assert c.acquire(0, [("pool", 3)]) is None
+
+
+def test_an_even_split_is_not_shed():
+    """Two busy workers each asking for more must not trade servers back and forth: a holder is
+    asked to shed only when it holds at least two more than the asking worker."""
+    c, told = make()
+    for worker in (0, 1, 0, 1):
+        assert c.acquire(worker, [("pool", 4)]) is None
+    assert c.acquire(0, [("pool", 4)], shed=True) == "pool"
+    assert c.acquire(1, [("pool", 4)], shed=True) == "pool"
+    c.acquire(1, [("pool", 5)])  # 2 against 3 (a reload raised the maximum)
+    assert c.acquire(0, [("pool", 5)], shed=True) == "pool"
+    assert told == [] and c.sheds == 0
+
+
+def test_a_released_count_is_held_for_the_waiting_worker_not_taken_back():
+    c, told = make()
+    for _ in range(4):
+        c.acquire(1, [("pool", 4)])
+    assert c.acquire(0, [("pool", 4)], shed=True) == "pool"
+    assert told == [(1, {"op": "shed", "key": "pool"})]
+    c.release(1, ["pool"])  # worker 1 shed one, and its own clients still wait for a server
+    assert c.acquire(1, [("pool", 4)], shed=True) == "pool", "the count is held for worker 0"
+    assert told[-1] == (0, {"op": "room", "key": "pool"}) and len(told) == 2, "1 holds more: no shed for it"
+    assert c.acquire(0, [("pool", 4)]) is None
+    assert c.held[0]["pool"] == 1 and c.held[1]["pool"] == 3 and "pool" not in c.reserved
+
+
+def test_a_held_count_lapses_if_the_waiting_worker_does_not_take_it():
+    c, told = make()
+    now = [100.0]
+    c.clock = lambda: now[0]
+    c.acquire(1, [("pool", 1)])
+    assert c.acquire(0, [("pool", 1)], shed=True) == "pool"
+    c.release(1, ["pool"])
+    assert told[-1] == (0, {"op": "room", "key": "pool"})
+    assert c.acquire(1, [("pool", 1)]) == "pool"
+    now[0] += 1.5  # RESERVE_FOR passed: worker 0 no longer needs it
+    assert c.acquire(1, [("pool", 1)]) is None
+
+
+def test_room_goes_to_the_waiting_worker_holding_fewest():
+    c, told = make()
+    c.acquire(0, [("pool", 4)])
+    for _ in range(3):
+        c.acquire(2, [("pool", 4)])
+    assert c.acquire(0, [("pool", 4)], shed=True) == "pool"
+    assert c.acquire(1, [("pool", 4)], shed=True) == "pool"
+    c.release(2, ["pool"])
+    assert told[-1] == (1, {"op": "room", "key": "pool"}), "worker 1 holds none, worker 0 one"
+    c.release(2, ["pool"])
+    assert told[-1] == (0, {"op": "room", "key": "pool"})
 
 
 def test_release_of_what_was_never_granted_changes_nothing():
