@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgrelay")
 
 ACCEPTS_PER_WAKEUP = 64
+# workers = N: how often a worker held back from accepting still takes one pending connection per
+# listener (so that connections are accepted even if the worker meant to take them does not).
+HELD_BACK_ACCEPT_EVERY = 0.25
 # PgBouncer's value for TCP_DEFER_ACCEPT when tcp_defer_accept is on (Linux rounds it up to a
 # number of SYN-ACK retransmissions and reports that back as seconds).
 DEFER_ACCEPT_SECONDS = 45
@@ -55,6 +58,12 @@ class Listeners:
         self.relay = relay
         self.bound: list[_Bound] = []
         self.watching = True  # False in the workers' parent: it binds and passes the sockets on, never accepts
+        # workers = N: accepts per wakeup (one, so the next connection goes to whichever worker is
+        # quicker), and whether the parent has told this worker to leave new connections to the
+        # others for now (hold_back: it has more clients than the least busy worker).
+        self.accepts_per_wakeup = ACCEPTS_PER_WAKEUP
+        self.held_back = False
+        self._held_timer = None
 
     def start(self) -> None:
         config = self.relay.config
@@ -125,7 +134,7 @@ class Listeners:
     def _watch(self, sock, info: Listener, unix_path: str | None, adopted: bool = False) -> None:
         sock.setblocking(False)
         bound = _Bound(sock, info, unix_path, adopted)
-        if self.watching:
+        if self.watching and not self.held_back:
             bound.watcher.start(self._on_accept, bound)
         self.bound.append(bound)
 
@@ -162,7 +171,7 @@ class Listeners:
         return covered[False], covered[True]
 
     def _on_accept(self, bound: _Bound) -> bool | None:
-        for _ in range(ACCEPTS_PER_WAKEUP):
+        for _ in range(self.accepts_per_wakeup):
             try:
                 sock, addr = bound.sock.accept()
             except BlockingIOError:
@@ -188,12 +197,35 @@ class Listeners:
                 sock.close()
 
     def _resume(self, bound: _Bound) -> None:
-        if bound in self.bound:
+        if bound in self.bound and not self.held_back:
             bound.watcher.start(self._on_accept, bound)
+
+    def hold_back(self, held: bool) -> None:
+        """workers = N: stop accepting (the other workers take new connections from the shared
+        sockets), or start again. The parent never holds back every worker at once."""
+        if held == self.held_back:
+            return
+        self.held_back = held
+        for bound in self.bound:
+            if held:
+                bound.watcher.stop()
+            elif self.watching and not bound.watcher.active:
+                bound.watcher.start(self._on_accept, bound)
+        if held:
+            self._held_timer = get_hub().loop.timer(HELD_BACK_ACCEPT_EVERY, HELD_BACK_ACCEPT_EVERY)
+            self._held_timer.start(self._accept_while_held)
+        elif self._held_timer is not None:
+            self._held_timer.close()
+            self._held_timer = None
+
+    def _accept_while_held(self) -> None:
+        for bound in list(self.bound):
+            self._on_accept(bound)  # one pending connection, if any (nothing waits: EAGAIN)
 
     def stop(self, drain: bool = False) -> None:
         """Close the listening sockets. With `drain`, connections the kernel already queued are accepted
         first (closing would reset them; with so_reuseport the other processes take the new ones)."""
+        self.hold_back(False)
         for bound in self.bound:
             bound.watcher.stop()
             for _ in range(100 if drain else 0):

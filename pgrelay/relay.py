@@ -256,6 +256,8 @@ class Relay:
         from .client import ClientConnection
         client = ClientConnection(self, sock, peer, listener, transport)
         self.clients[client.id] = client
+        if self.worker is not None:  # the parent spreads new connections by these counts
+            self.worker.count_clients(len(self.clients))
         gevent.spawn(client.run_login)
 
     def register_client(self, client) -> bytes:
@@ -271,7 +273,8 @@ class Relay:
                 return key
 
     def forget_client(self, client) -> None:
-        self.clients.pop(client.id, None)
+        if self.clients.pop(client.id, None) is not None and self.worker is not None:
+            self.worker.count_clients(len(self.clients))
         if client.key and self.cancel_keys.get(client.key) is client:
             del self.cancel_keys[client.key]
         for limit in client.limits:

@@ -1,9 +1,9 @@
 """A worker's side of its channel to the parent: shared limits, cancels for other workers, console commands run everywhere.
 
 The core sees it as ``relay.worker`` (None in a single process) and calls acquire/release around
-counting a client or opening a server, forward_cancel for a key another worker owns, and
-run_admin for console commands (pgrelay.workers.console says which). Messages from the parent
-("room", "shed", "cancel", "admin", "ask", "reload") are handled by one reader greenlet, each
+counting a client or opening a server, count_clients when a client comes or goes (the parent
+spreads new connections by it), forward_cancel for a key another worker owns, and run_admin for console commands (pgrelay.workers.console says which). Messages from the parent
+("room", "shed", "hold_back", "cancel", "admin", "ask", "reload") are handled by one reader greenlet, each
 command that may wait in a greenlet of its own.
 """
 
@@ -62,6 +62,7 @@ class WorkerLink:
 
     def start(self, relay: "Relay") -> None:
         self.relay = relay
+        relay.listeners.accepts_per_wakeup = 1  # the next connection may be another worker's
         self.reader = gevent.spawn(self._read)
         self.channel.send({"op": "ready", "pid": os.getpid()})
 
@@ -95,6 +96,11 @@ class WorkerLink:
     def release(self, keys) -> None:
         if keys:
             self.channel.send({"op": "release", "keys": list(keys)})
+
+    def count_clients(self, count: int) -> None:
+        """This worker now has `count` clients: the parent holds back the busier workers' accepts."""
+        held = self.relay is not None and self.relay.listeners.held_back
+        self.channel.send({"op": "clients", "count": count, "held": held})
 
     def forward_cancel(self, key: bytes, owner: int) -> None:
         self.channel.send({"op": "cancel", "key": key.hex(), "owner": owner})
@@ -160,6 +166,8 @@ class WorkerLink:
                     self._room(message["key"])
                 elif op == "shed":
                     self._shed(message["key"])
+                elif op == "hold_back":
+                    self.relay.listeners.hold_back(bool(message["held"]))
                 elif op == "cancel":
                     self.relay.cancel(bytes.fromhex(message["key"]))
                 elif op == "admin":

@@ -4,7 +4,9 @@ The parent serves no client itself. It binds every listening socket the configur
 adopts those systemd passed), switches user, writes the pidfile, then starts each worker as
 ``python -m pgrelay`` with the same configuration, the sockets (PGRELAY_LISTEN_FDS) and one end
 of a channel (PGRELAY_WORKER = index/count/fd). Over the channels it runs the coordinator
-(coordinator.py), passes cancel requests to the worker owning the key and gathers console answers.
+(coordinator.py), passes cancel requests to the worker owning the key, gathers console answers,
+and spreads new connections: every worker accepts from the same sockets, and one with
+ACCEPT_SPREAD clients more than the least busy is held back until the others catch up.
 A worker that exits while pgrelay is not stopping is started again (after RESTART_DELAY, longer
 if it keeps dying at once); its counts are given back first. SIGHUP reloads every worker;
 SIGINT, SIGTERM and SIGQUIT are forwarded and the parent exits once every worker has; SIGUSR1 and
@@ -39,6 +41,9 @@ RESTART_DELAY = 1.0      # seconds before a dead worker is started again
 RESTART_BACKOFF = 5.0    # ... when it died within FLAPPING seconds of starting
 FLAPPING = 5.0
 GATHER_TIMEOUT = 60.0    # seconds a console command may take in the workers (PAUSE waits for servers)
+# A worker with this many clients more than the least busy one is held back from accepting, so
+# that new connections from the shared listening sockets go to the others.
+ACCEPT_SPREAD = 2
 
 
 class Worker:
@@ -51,6 +56,8 @@ class Worker:
         self.ready = False
         self.started = 0.0
         self.restarts = 0
+        self.clients = 0         # as the worker last said
+        self.held_back = False   # told to leave new connections to the others
 
 
 class Supervisor:
@@ -128,6 +135,8 @@ class Supervisor:
         from gevent import socket as gsocket
         worker.channel = Channel(gsocket.socket(fileno=parent_end.detach()))
         worker.ready = False
+        worker.clients = 0
+        worker.held_back = False
         worker.started = time.monotonic()
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
         gevent.spawn(self._serve, worker, worker.channel)
@@ -146,6 +155,8 @@ class Supervisor:
             worker.channel.close()
         self.coordinator.worker_gone(worker.index)
         self._worker_left_gathers(worker.index)
+        worker.ready = False
+        self._spread_accepts()
         worker.proc = None
         how = f"signal {-code}" if code < 0 else f"code {code}"
         if self.stopping:
@@ -225,6 +236,10 @@ class Supervisor:
                     channel.send({"op": "reply", "id": message["id"], "refused": refused})
                 elif op == "release":
                     self.coordinator.release(index, message["keys"])
+                elif op == "clients":
+                    worker.clients = int(message["count"])
+                    worker.held_back = bool(message.get("held"))
+                    self._spread_accepts()
                 elif op == "cancel":
                     owner = int(message["owner"])
                     if 0 <= owner < self.count:
@@ -239,6 +254,7 @@ class Supervisor:
                         waiter.set(bool(message.get("ok")))
                 elif op == "ready":
                     worker.ready = True
+                    self._spread_accepts()
                     log.info("worker %d ready (pid %s)", index, message.get("pid"))
                     if not self.announced and all(w.ready for w in self.workers):
                         self.announced = True
@@ -246,6 +262,20 @@ class Supervisor:
                         self._tell_systemd("READY=1", f"STATUS={self.count} workers", f"MAINPID={os.getpid()}")
         except ClientGone:
             pass
+
+    def _spread_accepts(self) -> None:
+        """Hold back the accepts of every ready worker with ACCEPT_SPREAD clients more than the least
+        busy ready one; let the others accept. The least busy always accepts (and a held-back worker
+        still takes a connection that waits, Listeners.hold_back)."""
+        live = [w for w in self.workers if w.ready and w.channel is not None]
+        if not live:
+            return
+        low = min(w.clients for w in live)
+        for worker in live:
+            held = worker.clients >= low + ACCEPT_SPREAD
+            if held != worker.held_back:
+                worker.held_back = held
+                worker.channel.send({"op": "hold_back", "held": held})
 
     def _gather(self, requester: int, message: dict) -> None:
         gid = next(self.gather_ids)

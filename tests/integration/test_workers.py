@@ -119,6 +119,86 @@ def test_pool_size_and_max_db_connections_hold_for_all_workers(make_relay, pg):
     assert len([s for s in servers if s["database"] == "postgres"]) <= 4
 
 
+def _workers_of(console, conns):
+    """The worker serving each of `conns` (psycopg2 connections over TCP), by SHOW CLIENTS' port."""
+    import socket
+    by_port = {c["port"]: c["worker"] for c in show(console, "CLIENTS")}
+    ports = []
+    for conn in conns:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            ports.append(sock.getsockname()[1])
+        finally:
+            sock.close()
+    return [by_port[port] for port in ports]
+
+
+def test_new_connections_go_to_the_less_busy_worker(make_relay):
+    """Both workers accept from one socket; the busier one (by ACCEPT_SPREAD clients) is held back."""
+    relay = workers_relay(make_relay)
+    console = admin(relay)
+    conns = [connect(relay) for _ in range(20)]
+    workers = _workers_of(console, conns)
+    assert abs(workers.count(0) - workers.count(1)) <= 3, f"20 connections went {workers.count(0)}/{workers.count(1)}"
+    for conn, worker in zip(conns, workers):
+        if worker == 1:
+            conn.close()
+    kept = [conn for conn, worker in zip(conns, workers) if worker == 0]
+    wait_until(lambda: {w["worker"]: w["clients"] for w in show(console, "WORKERS")}[1] <= 1, timeout=5,
+               message="worker 1's clients gone")
+    fresh = [connect(relay) for _ in range(12)]
+    went = _workers_of(console, fresh)
+    assert went.count(0) <= 3, f"worker 0 had {len(kept)} clients and worker 1 none, yet 0 took {went.count(0)} of 12"
+    for conn in kept + fresh:
+        assert scalar(conn, "SELECT 1") == 1
+        conn.close()
+
+
+def test_a_busy_pool_is_split_between_workers_without_trading_servers(make_relay, pg):
+    """Clients of both workers keep one pool of 10 busy: each worker ends with about half of it, and
+    once split, no worker gives a server up for the other (no churn of server logins)."""
+    relay = workers_relay(make_relay, default_pool_size=10, application_name_add_host=0)
+    marker = "workers_split"
+    conns = spread_clients(relay, 30, application_name=marker)
+    stop, errors = threading.Event(), []
+
+    def client(conn):
+        try:
+            while not stop.is_set():
+                scalar(conn, "SELECT pg_sleep(0.01)")
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(repr(exc))
+
+    def backend_pids():
+        direct = psycopg2.connect(host="127.0.0.1", port=pg.port, user="postgres", dbname="postgres")
+        try:
+            with direct.cursor() as cur:
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (marker,))
+                return {row[0] for row in cur.fetchall()}
+        finally:
+            direct.close()
+
+    threads = [threading.Thread(target=client, args=(conn,)) for conn in conns]
+    for t in threads:
+        t.start()
+    try:
+        console = admin(relay)
+        wait_until(lambda: sorted(w["servers"] for w in show(console, "WORKERS")) in ([5, 5], [4, 6]),
+                   timeout=15, message="the pool of 10 split between the workers")
+        seen = backend_pids()
+        time.sleep(3)
+        seen_later = backend_pids()
+        split = sorted(w["servers"] for w in show(console, "WORKERS"))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not errors, errors[:3]
+    assert split in ([5, 5], [4, 6]), f"servers by worker after 3 s: {split}"
+    assert len(seen_later - seen) <= 1, f"{len(seen_later - seen)} new server connections in 3 s of steady load"
+    assert len(seen_later) <= 10
+
+
 def test_max_client_conn_counts_clients_of_every_worker(make_relay):
     relay = workers_relay(make_relay, max_client_conn=12)
     conns = [connect(relay) for _ in range(12)]
