@@ -8,9 +8,9 @@ it is checked against, as the asking worker's configuration has it. A refused se
 remembered: if the worker holding most of the key holds at least two more than the asking one, the
 coordinator asks it to give one up (close an idle server or the next one released: "shed"), so
 that busy workers end up with even shares rather than trading servers back and forth. A release
-under a key that workers wait for is held for the waiting worker with the fewest (for RESERVE_FOR
-seconds, so the releasing worker cannot take it straight back) and that worker hears "room". A
-worker that dies gives back everything it held.
+under a key that workers wait for (refused within WAITING_FOR seconds) is held for the waiting
+worker with the fewest, for RESERVE_FOR seconds so the releasing worker cannot take it straight
+back, and that worker hears "room". A worker that dies gives back everything it held.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import time
 from typing import Callable
 
 RESERVE_FOR = 1.0  # seconds a released count is held for the waiting worker it was offered to
+# Seconds a refusal keeps a worker waiting for room: a pool whose clients still wait asks again at
+# least this often (the janitor's tick, pgrelay.janitor), one that no longer needs room stops asking.
+WAITING_FOR = 2.0
 
 
 class Coordinator:
@@ -29,7 +32,7 @@ class Coordinator:
         self.tell = tell  # tell(worker index, message): send a message to a worker
         self.counts: collections.Counter[str] = collections.Counter()
         self.held: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-        self.waiting: dict[str, set[int]] = collections.defaultdict(set)  # key -> workers refused room
+        self.waiting: dict[str, dict[int, float]] = {}  # key -> {worker refused room: when}
         self.reserved: dict[str, dict[int, float]] = {}  # key -> {worker offered a released count: until}
         self.refusals = 0
         self.grants = 0
@@ -45,7 +48,7 @@ class Coordinator:
             if maximum and self.counts[key] + self._held_for_others(key, worker) >= maximum:
                 self.refusals += 1
                 if shed:
-                    self.waiting[key].add(worker)
+                    self.waiting.setdefault(key, {})[worker] = self.clock()
                     holder = self._largest_holder(key, worker)
                     if holder is not None:
                         self.sheds += 1
@@ -90,7 +93,7 @@ class Coordinator:
         """Give back everything a dead worker held."""
         held = self.held.pop(worker, collections.Counter())
         for waiters in self.waiting.values():
-            waiters.discard(worker)
+            waiters.pop(worker, None)
         for key in list(self.reserved):
             self.reserved[key].pop(worker, None)
             if not self.reserved[key]:
@@ -108,15 +111,20 @@ class Coordinator:
         waiters = self.waiting.get(key)
         if not waiters:
             return
-        offers = self.reserved.setdefault(key, {})
+        now = self.clock()
+        for worker in [worker for worker, since in waiters.items() if now - since > WAITING_FOR]:
+            del waiters[worker]  # it stopped asking: its clients no longer wait
+        offers = self.reserved.get(key, {})
         candidates = [worker for worker in waiters if worker not in offers]
         if not candidates:
+            if not waiters:
+                del self.waiting[key]
             return
         chosen = min(candidates, key=lambda worker: (self.held.get(worker, {}).get(key, 0), worker))
-        waiters.discard(chosen)
+        del waiters[chosen]
         if not waiters:
             del self.waiting[key]
-        offers[chosen] = self.clock() + RESERVE_FOR
+        self.reserved.setdefault(key, {})[chosen] = now + RESERVE_FOR
         self.tell(chosen, {"op": "room", "key": key})
 
     def _largest_holder(self, key: str, asking: int) -> int | None:

@@ -110,3 +110,18 @@ def test_a_dead_workers_share_is_given_back():
     assert c.counts["pool"] == 1 and "clients" not in c.counts
     assert (1, {"op": "room", "key": "pool"}) in told
     assert c.acquire(1, [("pool", 2)]) is None
+
+
+def test_a_worker_that_stopped_asking_is_not_offered_room():
+    """A refusal keeps a worker waiting for WAITING_FOR seconds; one that no longer asks (its
+    clients left) is not offered a count that the releasing worker then could not take back."""
+    c, told = make()
+    now = [100.0]
+    c.clock = lambda: now[0]
+    c.acquire(1, [("pool", 1)])
+    assert c.acquire(0, [("pool", 1)], shed=True) == "pool"
+    now[0] += 2.5
+    c.release(1, ["pool"])
+    assert (0, {"op": "room", "key": "pool"}) not in told
+    assert c.acquire(1, [("pool", 1)]) is None
+    assert not c.waiting and not c.reserved
