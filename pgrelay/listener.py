@@ -212,7 +212,9 @@ class Listeners:
             elif self.watching and not bound.watcher.active:
                 bound.watcher.start(self._on_accept, bound)
         if held:
-            self._held_timer = get_hub().loop.timer(HELD_BACK_ACCEPT_EVERY, HELD_BACK_ACCEPT_EVERY)
+            loop = get_hub().loop
+            loop.update_now()  # the first tick is a full period from now, not from a stale loop time
+            self._held_timer = loop.timer(HELD_BACK_ACCEPT_EVERY, HELD_BACK_ACCEPT_EVERY)
             self._held_timer.start(self._accept_while_held)
         elif self._held_timer is not None:
             self._held_timer.close()
