@@ -21,16 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgrelay")
 
 ACCEPTS_PER_WAKEUP = 64
-# workers = N: how often a worker held back from accepting still takes one pending connection per
-# listener (so that connections are accepted even if the worker meant to take them does not).
-HELD_BACK_ACCEPT_EVERY = 0.25
+# workers = N: a worker held back from accepting waits this long after a connection arrives before
+# it accepts; meanwhile a worker that is not held back takes it (then nothing is left: EAGAIN).
+HELD_BACK_DELAY = 0.01
 # PgBouncer's value for TCP_DEFER_ACCEPT when tcp_defer_accept is on (Linux rounds it up to a
 # number of SYN-ACK retransmissions and reports that back as seconds).
 DEFER_ACCEPT_SECONDS = 45
 
 
 class _Bound:
-    __slots__ = ("sock", "watcher", "info", "unix_path", "adopted")
+    __slots__ = ("sock", "watcher", "info", "unix_path", "adopted", "paused", "delay")
 
     def __init__(self, sock, info: Listener, unix_path: str | None, adopted: bool = False):
         self.sock = sock
@@ -38,6 +38,8 @@ class _Bound:
         self.unix_path = unix_path
         self.adopted = adopted  # passed by the service manager: its Unix socket file is not ours to remove
         self.watcher = get_hub().loop.io(sock.fileno(), 1)
+        self.paused = False  # out of descriptors: accepts resume after a second
+        self.delay = None    # held back (workers): the timer of the delayed accept
 
 
 class ListenerKinds(dict):
@@ -58,12 +60,9 @@ class Listeners:
         self.relay = relay
         self.bound: list[_Bound] = []
         self.watching = True  # False in the workers' parent: it binds and passes the sockets on, never accepts
-        # workers = N: accepts per wakeup (one, so the next connection goes to whichever worker is
-        # quicker), and whether the parent has told this worker to leave new connections to the
+        # workers = N: whether the parent has told this worker to leave new connections to the
         # others for now (hold_back: it has more clients than the least busy worker).
-        self.accepts_per_wakeup = ACCEPTS_PER_WAKEUP
         self.held_back = False
-        self._held_timer = None
 
     def start(self) -> None:
         config = self.relay.config
@@ -134,8 +133,8 @@ class Listeners:
     def _watch(self, sock, info: Listener, unix_path: str | None, adopted: bool = False) -> None:
         sock.setblocking(False)
         bound = _Bound(sock, info, unix_path, adopted)
-        if self.watching and not self.held_back:
-            bound.watcher.start(self._on_accept, bound)
+        if self.watching:
+            self._start(bound)
         self.bound.append(bound)
 
     def _adopt(self, specs) -> tuple[set[int], set[int]]:
@@ -171,7 +170,7 @@ class Listeners:
         return covered[False], covered[True]
 
     def _on_accept(self, bound: _Bound) -> bool | None:
-        for _ in range(self.accepts_per_wakeup):
+        for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 sock, addr = bound.sock.accept()
             except BlockingIOError:
@@ -180,6 +179,7 @@ class Listeners:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("accept() failed: %s; pausing accepts for 1s", exc.strerror)
                     bound.watcher.stop()
+                    bound.paused = True
                     gevent.spawn_later(1.0, self._resume, bound)
                 else:
                     log.warning("accept() failed: %s", exc.strerror or exc)
@@ -197,38 +197,46 @@ class Listeners:
                 sock.close()
 
     def _resume(self, bound: _Bound) -> None:
-        if bound in self.bound and not self.held_back:
-            bound.watcher.start(self._on_accept, bound)
+        bound.paused = False
+        if bound in self.bound:
+            self._start(bound)
+
+    def _start(self, bound: _Bound) -> None:
+        bound.watcher.start(self._on_accept_held if self.held_back else self._on_accept, bound)
 
     def hold_back(self, held: bool) -> None:
-        """workers = N: stop accepting (the other workers take new connections from the shared
-        sockets), or start again. The parent never holds back every worker at once."""
+        """workers = N: accept new connections only HELD_BACK_DELAY after they arrive, so that the
+        other workers (not held back) take them from the shared sockets; or at once again. The
+        parent never holds back every worker, and a connection nobody else took is still accepted."""
         if held == self.held_back:
             return
         self.held_back = held
         for bound in self.bound:
-            if held:
+            if bound.watcher.active:
                 bound.watcher.stop()
-            elif self.watching and not bound.watcher.active:
-                bound.watcher.start(self._on_accept, bound)
-        if held:
-            loop = get_hub().loop
-            loop.update_now()  # the first tick is a full period from now, not from a stale loop time
-            self._held_timer = loop.timer(HELD_BACK_ACCEPT_EVERY, HELD_BACK_ACCEPT_EVERY)
-            self._held_timer.start(self._accept_while_held)
-        elif self._held_timer is not None:
-            self._held_timer.close()
-            self._held_timer = None
+                self._start(bound)
 
-    def _accept_while_held(self) -> None:
-        for bound in list(self.bound):
-            self._on_accept(bound)  # one pending connection, if any (nothing waits: EAGAIN)
+    def _on_accept_held(self, bound: _Bound) -> None:
+        bound.watcher.stop()
+        bound.delay = get_hub().loop.timer(HELD_BACK_DELAY)
+        bound.delay.start(self._accept_held, bound)
+
+    def _accept_held(self, bound: _Bound) -> None:
+        bound.delay.close()
+        bound.delay = None
+        if bound not in self.bound:
+            return
+        self._on_accept(bound)  # what the others left, if anything (else EAGAIN at once)
+        if not bound.paused and not bound.watcher.active:
+            self._start(bound)
 
     def stop(self, drain: bool = False) -> None:
         """Close the listening sockets. With `drain`, connections the kernel already queued are accepted
         first (closing would reset them; with so_reuseport the other processes take the new ones)."""
-        self.hold_back(False)
         for bound in self.bound:
+            if bound.delay is not None:
+                bound.delay.close()
+                bound.delay = None
             bound.watcher.stop()
             for _ in range(100 if drain else 0):
                 if self._on_accept(bound):

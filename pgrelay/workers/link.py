@@ -62,7 +62,6 @@ class WorkerLink:
 
     def start(self, relay: "Relay") -> None:
         self.relay = relay
-        relay.listeners.accepts_per_wakeup = 1  # the next connection may be another worker's
         self.reader = gevent.spawn(self._read)
         self.channel.send({"op": "ready", "pid": os.getpid()})
 

@@ -6,7 +6,8 @@ adopts those systemd passed), switches user, writes the pidfile, then starts eac
 of a channel (PGRELAY_WORKER = index/count/fd). Over the channels it runs the coordinator
 (coordinator.py), passes cancel requests to the worker owning the key, gathers console answers,
 and spreads new connections: every worker accepts from the same sockets, and one with
-ACCEPT_SPREAD clients more than the least busy is held back until the others catch up.
+ACCEPT_SPREAD clients more than the least busy is held back (it accepts only after a delay,
+pgrelay.listener) until the others catch up.
 A worker that exits while pgrelay is not stopping is started again (after RESTART_DELAY, longer
 if it keeps dying at once); its counts are given back first. SIGHUP reloads every worker;
 SIGINT, SIGTERM and SIGQUIT are forwarded and the parent exits once every worker has; SIGUSR1 and
@@ -44,6 +45,7 @@ GATHER_TIMEOUT = 60.0    # seconds a console command may take in the workers (PA
 # A worker with this many clients more than the least busy one is held back from accepting, so
 # that new connections from the shared listening sockets go to the others.
 ACCEPT_SPREAD = 2
+ACCEPT_SPREAD_FRACTION = 8  # ... or an eighth of the least busy worker's clients, if more (login bursts)
 
 
 class Worker:
@@ -264,15 +266,17 @@ class Supervisor:
             pass
 
     def _spread_accepts(self) -> None:
-        """Hold back the accepts of every ready worker with ACCEPT_SPREAD clients more than the least
-        busy ready one; let the others accept. The least busy always accepts (and a held-back worker
-        still takes a connection that waits, Listeners.hold_back)."""
+        """Hold back the accepts of every ready worker with ACCEPT_SPREAD clients (or an
+        ACCEPT_SPREAD_FRACTION of the least busy one's, if more) more than the least busy ready
+        one; let the others accept at once. The least busy is never held back, and a held-back
+        worker still takes a connection the others leave (Listeners.hold_back)."""
         live = [w for w in self.workers if w.ready and w.channel is not None]
         if not live:
             return
         low = min(w.clients for w in live)
+        spread = max(ACCEPT_SPREAD, low // ACCEPT_SPREAD_FRACTION)
         for worker in live:
-            held = worker.clients >= low + ACCEPT_SPREAD
+            held = worker.clients >= low + spread
             if held != worker.held_back:
                 worker.held_back = held
                 worker.channel.send({"op": "hold_back", "held": held})
