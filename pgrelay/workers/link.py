@@ -2,9 +2,10 @@
 
 The core sees it as ``relay.worker`` (None in a single process) and calls acquire/release around
 counting a client or opening a server, count_clients when a client comes or goes (the parent
-spreads new connections by it), forward_cancel for a key another worker owns, and run_admin for console commands (pgrelay.workers.console says which). Messages from the parent
-("room", "shed", "hold_back", "cancel", "admin", "ask", "reload") are handled by one reader greenlet, each
-command that may wait in a greenlet of its own.
+spreads new connections by it), forward_cancel for a key another worker owns, and run_admin for
+console commands (pgrelay.workers.console says which). Messages from the parent ("room", "shed",
+"hold_back", "cancel", "admin", "ask", "reload") are handled by one reader greenlet, each command
+that may wait in a greenlet of its own.
 """
 
 from __future__ import annotations
