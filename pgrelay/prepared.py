@@ -137,7 +137,7 @@ class ClientStatements:
 class ServerStatements:
     """What a server has prepared (an LRU), and the queue that places replies while it is not empty."""
 
-    __slots__ = ("cache", "queue", "dead", "fskip", "fcarry", "fsent")
+    __slots__ = ("cache", "queue", "dead", "fskip", "fcarry", "fsent", "answered")
 
     def __init__(self):
         self.cache: collections.OrderedDict[Statement, None] = collections.OrderedDict()
@@ -146,6 +146,9 @@ class ServerStatements:
         self.fskip = 0       # bytes of a streamed message still to come
         self.fcarry = b""    # an incomplete message the filter needs whole
         self.fsent = 0       # leading bytes of fcarry already forwarded (see activate)
+        # Messages of the client's open batch (client.open_batch) already answered when the queue
+        # last ran empty with no Sync since: a queue started again owes replies to the rest only.
+        self.answered = 0
 
 
 def enabled(client: "ClientConnection") -> bool:
@@ -390,6 +393,8 @@ def _process(client: "ClientConnection", server: "ServerConnection", unlinked: b
             sps.dead = False
             if queue:
                 _track(sps, server, ZSKIP, None, None, pass_queries, before)
+            else:
+                sps.answered = 0
             pass_queries += 1
             ps.batch += 1
             continue
@@ -440,6 +445,8 @@ def _process(client: "ClientConnection", server: "ServerConnection", unlinked: b
             before = open_batch
             if kind == _S:  # only a Sync ends a batch (as in ClientConnection._scan)
                 open_batch = 0
+                if not queue:
+                    sps.answered = 0
             zkind = ZSKIP
             undo = None
             owner = None
@@ -537,6 +544,8 @@ def _process(client: "ClientConnection", server: "ServerConnection", unlinked: b
     # replies before the rest of it comes, and only the queue can tell where they end.
     if open_batch and not queue and not sps.dead:
         _activate(sps, server, server.expect + pass_queries, open_batch)
+    elif not queue:
+        sps.answered = open_batch  # nothing tracked: every message of the open batch is answered
     if out:
         client._forward(bytes(out), pass_queries)
     elif unlinked and queue:  # only replies of pgrelay's own (a Close): the server is linked all the same
@@ -601,8 +610,11 @@ def _track(sps: ServerStatements, server, kind: int, payload, undo, pass_queries
 
 def _activate(sps: ServerStatements, server, zs: int, terminals: int) -> None:
     """Start the queue with what is owed before the new entry; the filter takes over from the
-    server's scanner at its current place (a message cut by the last read is passed through)."""
+    server's scanner at its current place (a message cut by the last read is passed through).
+    `terminals`: messages of the client's open batch before the new entry, of which the first
+    `sps.answered` were answered already (the queue ran empty with the batch still open)."""
     queue = sps.queue
+    terminals = max(terminals - sps.answered, 0)
     if not queue:
         if not server.pfilter:
             server.pfilter = True
@@ -761,9 +773,10 @@ def kick(server: "ServerConnection") -> None:
             and not server.carry and server.state == SV_ACTIVE:
         out = bytearray()
         _emit(queue, out)
+        client = server.client
         if not queue:
             server.pfilter = False
-        client = server.client
+            sps.answered = client.open_batch if client is not None else 0
         server._relay(bytes(out))
         _resume(client)
 
@@ -862,9 +875,10 @@ def server_data(server: "ServerConnection", data: bytes) -> None:
     if pos < n:
         sps.fcarry = bytes(buf[pos:])
         sps.fsent = sent - pos if sent > pos else 0
+    client = server.client
     if not queue and not sps.fskip and not sps.fcarry:
         server.pfilter = False
-    client = server.client
+        sps.answered = client.open_batch if client is not None else 0  # all of it is answered
     if out:
         server._relay(bytes(out))
     _resume(client)
@@ -954,6 +968,7 @@ def unlinked(server: "ServerConnection") -> None:
     is closed once drained rather than reused."""
     server.close_reason = server.close_reason or "client left while prepared statement replies were owed"
     _clear(server.ps)
+    server.ps.answered = 0
     server.pfilter = False
 
 

@@ -604,6 +604,23 @@ def test_named_parse_while_a_large_result_streams(prelay):
     c.close()
 
 
+def test_named_parse_after_an_open_batch_was_answered_in_full(prelay):
+    """A batch without Sync answered in full (the reply queue ran empty), then a Parse whose
+    ParseComplete is synthesized: it is owed after nothing of the first batch (it was lost when
+    the queue counted the first batch's three messages as still owed)."""
+    c = raw(prelay.port)
+    c.send(parse("known", "SELECT 'k'") + SYNC)
+    assert kinds(read_replies(c)) == "1Z"
+    c.send(parse("", "SELECT g FROM generate_series(1, 3) g") + bind("") + execute() + FLUSH)
+    got = [c.read_message() for _ in range(6)]
+    assert kinds(got) == "12DDDC"
+    c.send(parse("again", "SELECT 'k'") + bind("again") + execute() + SYNC)
+    assert kinds(read_replies(c)) == "12DCZ"
+    c.send(bind("again") + execute() + SYNC)
+    assert kinds(read_replies(c)) == "2DCZ"
+    c.close()
+
+
 def test_statement_pooling(make_relay):
     relay = make_relay({"pool_mode": "statement", "default_pool_size": "2"})
 
