@@ -266,7 +266,7 @@ class Janitor:
             return
         empty, expired = {}, []
         for pool in relay.pools.values():
-            if pool.nclients or pool.servers or pool.waiting or pool.per_client:
+            if pool.nclients or pool.servers or pool.asking or pool.waiting or pool.per_client:
                 continue
             since = empty[pool] = self.empty_since.get(pool, now)
             if now - since > timeout:

@@ -119,6 +119,7 @@ class Pool:
         self.waiting: collections.deque[ClientConnection] = collections.deque()
         self.servers: set[ServerConnection] = set()
         self.logging_in = 0
+        self.asking = 0               # workers: servers asked of the parent, not granted yet (Relay.launch_server)
         self.nclients = 0
         self.welcome: list[tuple[str, str]] | None = None
         self.welcome_result = AsyncResult()
@@ -161,7 +162,7 @@ class Pool:
         if self.login_error is not None and time.monotonic() < self.login_error_until:
             client.fail_pending(self.cached_login_error())  # an ERROR for its queries, not a disconnect
             return
-        if self.used or self.size == 0 or len(self.servers) < self.size:
+        if self.used or self.size == 0 or len(self.servers) + self.asking < self.size:
             self.launch_if_needed()  # checks a server due a check, or opens one
 
     def launch_if_needed(self) -> None:
@@ -176,15 +177,16 @@ class Pool:
             return
         limited = bool(self.route.server_limits)
         while True:
-            wanted = len(self.waiting) - self.logging_in - self.testing
+            wanted = len(self.waiting) - self.logging_in - self.testing - self.asking
             if wanted > 0 and self.used:  # an idle server due a check comes before a new one
                 self.used[-1].check(self.relay.config.server_check_query)
                 continue
-            if self.welcome is None and not self.servers:
+            opened = len(self.servers) + self.asking
+            if self.welcome is None and not opened:
                 wanted = max(wanted, 1)
-            wanted = max(wanted, self.route.min_pool_size - len(self.servers))
+            wanted = max(wanted, self.route.min_pool_size - opened)
             allowed = self.allowed_servers()
-            if wanted <= 0 or (allowed and len(self.servers) >= allowed):
+            if wanted <= 0 or (allowed and opened >= allowed):
                 return
             if limited and not self.relay.server_room(self):
                 return  # a server limit of the group is reached; group_changed() calls back

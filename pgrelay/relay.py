@@ -23,7 +23,7 @@ from .control import Control, ControlError
 from .errors import ADMIN_SHUTDOWN, ConfigError, INTERNAL_ERROR, PgRelayError, ProtocolViolation, Reject, RejectError
 from .listener import ListenerKinds, Listeners, listener_specs
 from .plugins import make_plugin_manager
-from .pool import CL_CLOSED, RETRY_CAPPED, SV_ACTIVE, SV_CLOSED, SV_DRAIN, UNLINKED_SPARE, Pool, client_key
+from .pool import CL_CLOSED, RETRY_CAPPED, SV_ACTIVE, SV_DRAIN, UNLINKED_SPARE, Pool, client_key
 from .protocol import quote_literal
 from .health import HealthMonitor
 from .routing import POSTGRES, PRIMARY, Database, HostAddr, Login, Route, UserSpec
@@ -352,33 +352,36 @@ class Relay:
         return pool
 
     def launch_server(self, pool: Pool) -> None:
+        if self.worker is None:
+            self._open_server(pool, ())
+        else:
+            pool.asking += 1
+            gevent.spawn(self._launch_shared, pool)
+
+    def _launch_shared(self, pool: Pool) -> None:
+        """workers = N: a server opens only once the parent counts it under the pool's size and its
+        server limits for all workers together; refused, the pool waits for room (Pool.capped).
+        Until the answer the server is only asked for (Pool.asking), not one of the pool's servers."""
+        shared = pool.shared_keys(with_maxima=True)
+        try:
+            refused = self.worker.acquire(shared, shed=True)
+        finally:
+            pool.asking -= 1
+        if refused is not None:
+            pool.capped = time.monotonic() + RETRY_CAPPED
+            return
+        keys = [key for key, _ in shared]
+        if self.shutting_down or pool.paused or self.pools.get(pool.key) is not pool:
+            self.worker.release(keys)  # stopped, paused (KILL) or forgotten while the parent was asked
+            return
+        self._open_server(pool, keys)
+
+    def _open_server(self, pool: Pool, shared) -> None:
         from .server import ServerConnection
         server = ServerConnection(self, pool)
         pool.add_server(server)
-        if self.worker is None:
-            gevent.spawn(server.login)
-        else:
-            gevent.spawn(self._launch_shared, server)
-
-    def _launch_shared(self, server) -> None:
-        """workers = N: a server opens only once the parent counts it under the pool's size and its
-        server limits for all workers together; refused, the pool waits for room (Pool.capped)."""
-        pool = server.pool
-        shared = pool.shared_keys(with_maxima=True)
-        refused = self.worker.acquire(shared, shed=True)
-        if refused is not None:
-            pool.logging_in -= 1
-            pool._forget(server)
-            server.state = SV_CLOSED
-            pool.capped = time.monotonic() + RETRY_CAPPED
-            return
-        server.shared = [key for key, _ in shared]
-        if server.state == SV_CLOSED:  # closed while waiting for the grant (KILL, its client gone)
-            self.worker.release(server.shared)
-            server.shared = ()
-            pool.logging_in -= 1
-            return
-        server.login()
+        server.shared = shared
+        gevent.spawn(server.login)
 
     def server_room(self, pool: Pool, evict: bool = True) -> bool:
         """Whether `pool` may open another server under its server limits; with `evict`, an idle
